@@ -1,0 +1,53 @@
+//! Command-line layer: argument definitions ([`args`]), progress bars ([`bars`]) and printing.
+//! No logic of its own — every command calls one library flow.
+
+mod args;
+mod bars;
+mod print;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+
+use args::{Cli, Command};
+
+/// Runs the CLI; errors print as one line (`error: FILE: tensor …: what`) and exit 1.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Inspect(a) => {
+            let summary = ggmerge::inspect(&a.file)?;
+            if a.json {
+                println!("{}", serde_json::to_string_pretty(&summary)?);
+            } else {
+                print::summary(&summary, a.tensors, a.metadata);
+            }
+            Ok(())
+        }
+        Command::Quantize(a) => {
+            let target = ggmerge::quant::Target::parse(&a.ty, a.pure)?;
+            let opts = ggmerge::QuantizeOptions {
+                target,
+                threads: a.threads,
+            };
+            let bar = bars::Bars::new(a.quiet);
+            let report = ggmerge::quantize_model(&a.input, &a.output, &opts, &bar)
+                .with_context(|| format!("quantizing {} to {}", a.input.display(), target.describe()))?;
+            if !a.quiet {
+                print::quantize_report(&report, &a.output, &target);
+            }
+            Ok(())
+        }
+    }
+}

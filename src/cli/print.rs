@@ -1,0 +1,115 @@
+//! Human-readable output of the commands.
+
+use std::path::Path;
+
+use ggmerge::quant::Target;
+use ggmerge::{ModelSummary, QuantizeReport};
+
+pub fn mib(bytes: u64) -> String {
+    format!("{:.2} MiB", bytes as f64 / (1024.0 * 1024.0))
+}
+
+fn human_count(n: u64) -> String {
+    match n {
+        n if n >= 1_000_000_000 => format!("{:.2}B", n as f64 / 1e9),
+        n if n >= 1_000_000 => format!("{:.1}M", n as f64 / 1e6),
+        n if n >= 1_000 => format!("{:.1}K", n as f64 / 1e3),
+        n => n.to_string(),
+    }
+}
+
+pub fn summary(s: &ModelSummary, tensors: bool, all_metadata: bool) {
+    println!("file:          {}", s.files.join(", "));
+    println!("GGUF version:  {}", s.gguf_version);
+    if let Some(kind) = &s.file_kind {
+        println!("kind:          {kind}");
+    }
+    println!("architecture:  {}", s.architecture.as_deref().unwrap_or("(none)"));
+    if let Some(name) = &s.name {
+        println!("name:          {name}");
+    }
+    println!(
+        "parameters:    {} ({})",
+        human_count(s.n_params),
+        s.n_params
+    );
+    println!(
+        "size:          {} on disk, {} of tensors, {:.2} bits/weight",
+        mib(s.file_size),
+        mib(s.tensor_bytes),
+        s.bits_per_weight
+    );
+    println!("tensors:       {}", s.tensors.len());
+    println!();
+    println!("{:<8} {:>8} {:>14} {:>12} {:>6}", "type", "tensors", "parameters", "size", "bpw");
+    for t in &s.types {
+        println!(
+            "{:<8} {:>8} {:>14} {:>12} {:>6.2}",
+            t.ty,
+            t.tensors,
+            t.params,
+            mib(t.bytes),
+            t.bits_per_weight
+        );
+    }
+    println!();
+    println!("metadata ({} keys):", s.metadata.len());
+    for m in &s.metadata {
+        let hidden = !all_metadata && m.key.starts_with("tokenizer.") && m.value_type.starts_with("array");
+        let long = !all_metadata && m.value.chars().count() > 100;
+        let value = if hidden {
+            let n = m.value.rsplit("… ").next().unwrap_or("").trim_end_matches(']');
+            format!("({}; --metadata shows it)", if n.ends_with("items") { n } else { "array" })
+        } else if long {
+            let cut: String = m.value.chars().take(97).collect();
+            format!("{cut}…")
+        } else {
+            m.value.clone()
+        };
+        println!("  {:<45} {:<14} {}", m.key, m.value_type, value);
+    }
+    if tensors {
+        println!();
+        println!("{:<40} {:<8} {:>22} {:>12}", "tensor", "type", "shape", "size");
+        for t in &s.tensors {
+            let shape = t.shape.iter().map(u64::to_string).collect::<Vec<_>>().join(" x ");
+            println!("{:<40} {:<8} {:>22} {:>12}", t.name, t.ty, shape, mib(t.bytes));
+        }
+    } else {
+        println!();
+        println!("({} tensors; --tensors lists them, --json prints everything)", s.tensors.len());
+    }
+}
+
+pub fn quantize_report(r: &QuantizeReport, output: &Path, target: &Target) {
+    if r.requantized > 0 {
+        eprintln!(
+            "warning: {} tensors were already quantized and were requantized to {}: rounding \
+             error compounds; start from an F16/BF16/F32 model when you have one",
+            r.requantized,
+            target.describe()
+        );
+    }
+    let mut counts: std::collections::BTreeMap<String, usize> = Default::default();
+    for t in &r.tensors {
+        *counts.entry(t.to.to_string()).or_default() += 1;
+    }
+    let types = counts
+        .iter()
+        .map(|(t, n)| format!("{t}: {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    println!("wrote {} ({})", output.display(), target.describe());
+    println!("  tensors:    {} ({} converted, {} copied) — {types}", r.tensors.len(), r.converted(), r.tensors.len() - r.converted());
+    println!(
+        "  size:       {} -> {} ({:.1}%)",
+        mib(r.input_bytes),
+        mib(r.output_bytes),
+        100.0 * r.output_bytes as f64 / r.input_bytes.max(1) as f64
+    );
+    println!(
+        "  time:       {:.2} s, {:.1} MB/s of output",
+        r.seconds,
+        r.output_bytes as f64 / 1e6 / r.seconds.max(1e-9)
+    );
+}

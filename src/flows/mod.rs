@@ -1,0 +1,9 @@
+//! The main flows as library functions; the CLI is a thin layer over them.
+//!
+//! - [`inspect`](inspect::inspect): summarize a GGUF model.
+//! - [`quantize_model`](quantize::quantize_model): requantize a model to a type or mixture.
+//! - [`progress`]: the [`Progress`](progress::Progress) callback and thread-pool helper.
+
+pub mod inspect;
+pub mod progress;
+pub mod quantize;

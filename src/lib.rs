@@ -1,0 +1,32 @@
+//! ggmerge merges fine-tuned language models directly on GGUF — quantized or not — and writes
+//! quantized GGUF that llama.cpp loads.
+//!
+//! Layers, lowest first (each depends only on those below it):
+//!
+//! - [`format`]: GGUF reading (zero-copy, validated, split models) and streaming writing; the
+//!   table of ggml types.
+//! - [`quant`]: dequantize/quantize through ggml (bit-exact), llama.cpp's mixtures (`Q4_K_M`…).
+//! - [`flows`]: the user-facing operations — [`inspect`], [`quantize_model`] — that the `ggmerge`
+//!   binary wraps.
+//!
+//! ```no_run
+//! use ggmerge::{inspect, quantize_model, NoProgress, QuantizeOptions};
+//! use ggmerge::quant::Target;
+//!
+//! let summary = inspect("model.gguf")?;
+//! println!("{} parameters, {:.2} bits/weight", summary.n_params, summary.bits_per_weight);
+//! let opts = QuantizeOptions { target: Target::parse("Q8_0", false)?, threads: None };
+//! quantize_model("model.gguf".as_ref(), "model-q8_0.gguf".as_ref(), &opts, &NoProgress)?;
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+#![deny(missing_docs)]
+
+pub mod error;
+pub mod flows;
+pub mod format;
+pub mod quant;
+
+pub use error::{Error, Result};
+pub use flows::inspect::{inspect, ModelSummary};
+pub use flows::progress::{NoProgress, Progress};
+pub use flows::quantize::{quantize_model, QuantizeOptions, QuantizeReport};
