@@ -1,0 +1,44 @@
+//! Shared helpers of the integration tests: where the real test models are.
+//!
+//! The models are fetched by `scripts/fetch-models.sh` (the README's test command runs it);
+//! a missing model is a test failure with that advice, never a silent skip.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// The model cache: `$GGMERGE_MODELS`, else `.cache/models` in the repository.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("GGMERGE_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/models"))
+}
+
+fn model(name: &str) -> PathBuf {
+    let p = models_dir().join(name);
+    assert!(
+        p.is_file(),
+        "test model {} is missing: run scripts/fetch-models.sh (the README's test command does)",
+        p.display()
+    );
+    p
+}
+
+/// SmolLM2-135M-Instruct, Q4_1 (llama arch, 272 tensors, tied embeddings).
+pub fn smollm2() -> PathBuf {
+    model("SmolLM2-135M-Instruct.Q4_1.gguf")
+}
+
+/// Gemma 3 270M, Q4_K_M as written by llama-quantize (gemma3 arch, 236 tensors).
+pub fn gemma3() -> PathBuf {
+    model("gemma-3-270m-q4_k_m.gguf")
+}
+
+/// The Python interpreter with gguf-py installed (`$GGMERGE_PYTHON`, else `python3`).
+pub fn python() -> String {
+    std::env::var("GGMERGE_PYTHON").unwrap_or_else(|_| "python3".into())
+}
+
+/// A fresh temporary directory for a test's outputs.
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().expect("temporary directory")
+}
