@@ -42,8 +42,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 threads: a.threads,
             };
             let bar = bars::Bars::new(a.quiet);
-            let report = ggmerge::quantize_model(&a.input, &a.output, &opts, &bar)
-                .with_context(|| format!("quantizing {} to {}", a.input.display(), target.describe()))?;
+            let report =
+                ggmerge::quantize_model(&a.input, &a.output, &opts, &bar).with_context(|| {
+                    format!("quantizing {} to {}", a.input.display(), target.describe())
+                })?;
             if !a.quiet {
                 print::quantize_report(&report, &a.output, &target);
             }

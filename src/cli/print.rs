@@ -24,7 +24,10 @@ pub fn summary(s: &ModelSummary, tensors: bool, all_metadata: bool) {
     if let Some(kind) = &s.file_kind {
         println!("kind:          {kind}");
     }
-    println!("architecture:  {}", s.architecture.as_deref().unwrap_or("(none)"));
+    println!(
+        "architecture:  {}",
+        s.architecture.as_deref().unwrap_or("(none)")
+    );
     if let Some(name) = &s.name {
         println!("name:          {name}");
     }
@@ -41,7 +44,10 @@ pub fn summary(s: &ModelSummary, tensors: bool, all_metadata: bool) {
     );
     println!("tensors:       {}", s.tensors.len());
     println!();
-    println!("{:<8} {:>8} {:>14} {:>12} {:>6}", "type", "tensors", "parameters", "size", "bpw");
+    println!(
+        "{:<8} {:>8} {:>14} {:>12} {:>6}",
+        "type", "tensors", "parameters", "size", "bpw"
+    );
     for t in &s.types {
         println!(
             "{:<8} {:>8} {:>14} {:>12} {:>6.2}",
@@ -55,11 +61,20 @@ pub fn summary(s: &ModelSummary, tensors: bool, all_metadata: bool) {
     println!();
     println!("metadata ({} keys):", s.metadata.len());
     for m in &s.metadata {
-        let hidden = !all_metadata && m.key.starts_with("tokenizer.") && m.value_type.starts_with("array");
+        let hidden =
+            !all_metadata && m.key.starts_with("tokenizer.") && m.value_type.starts_with("array");
         let long = !all_metadata && m.value.chars().count() > 100;
         let value = if hidden {
-            let n = m.value.rsplit("… ").next().unwrap_or("").trim_end_matches(']');
-            format!("({}; --metadata shows it)", if n.ends_with("items") { n } else { "array" })
+            let n = m
+                .value
+                .rsplit("… ")
+                .next()
+                .unwrap_or("")
+                .trim_end_matches(']');
+            format!(
+                "({}; --metadata shows it)",
+                if n.ends_with("items") { n } else { "array" }
+            )
         } else if long {
             let cut: String = m.value.chars().take(97).collect();
             format!("{cut}…")
@@ -70,14 +85,31 @@ pub fn summary(s: &ModelSummary, tensors: bool, all_metadata: bool) {
     }
     if tensors {
         println!();
-        println!("{:<40} {:<8} {:>22} {:>12}", "tensor", "type", "shape", "size");
+        println!(
+            "{:<40} {:<8} {:>22} {:>12}",
+            "tensor", "type", "shape", "size"
+        );
         for t in &s.tensors {
-            let shape = t.shape.iter().map(u64::to_string).collect::<Vec<_>>().join(" x ");
-            println!("{:<40} {:<8} {:>22} {:>12}", t.name, t.ty, shape, mib(t.bytes));
+            let shape = t
+                .shape
+                .iter()
+                .map(u64::to_string)
+                .collect::<Vec<_>>()
+                .join(" x ");
+            println!(
+                "{:<40} {:<8} {:>22} {:>12}",
+                t.name,
+                t.ty,
+                shape,
+                mib(t.bytes)
+            );
         }
     } else {
         println!();
-        println!("({} tensors; --tensors lists them, --json prints everything)", s.tensors.len());
+        println!(
+            "({} tensors; --tensors lists them, --json prints everything)",
+            s.tensors.len()
+        );
     }
 }
 
@@ -100,7 +132,12 @@ pub fn quantize_report(r: &QuantizeReport, output: &Path, target: &Target) {
         .collect::<Vec<_>>()
         .join(", ");
     println!("wrote {} ({})", output.display(), target.describe());
-    println!("  tensors:    {} ({} converted, {} copied) — {types}", r.tensors.len(), r.converted(), r.tensors.len() - r.converted());
+    println!(
+        "  tensors:    {} ({} converted, {} copied) — {types}",
+        r.tensors.len(),
+        r.converted(),
+        r.tensors.len() - r.converted()
+    );
     println!(
         "  size:       {} -> {} ({:.1}%)",
         mib(r.input_bytes),

@@ -91,13 +91,15 @@ pub fn summarize(model: &GgufModel) -> ModelSummary {
     let mut tensors = Vec::with_capacity(model.n_tensors());
     for t in model.tensors() {
         let i = t.info;
-        let e = by_type.entry(i.ty.name().to_string()).or_insert_with(|| TypeCount {
-            ty: i.ty.name().into(),
-            tensors: 0,
-            params: 0,
-            bytes: 0,
-            bits_per_weight: i.ty.bits_per_weight(),
-        });
+        let e = by_type
+            .entry(i.ty.name().to_string())
+            .or_insert_with(|| TypeCount {
+                ty: i.ty.name().into(),
+                tensors: 0,
+                params: 0,
+                bytes: 0,
+                bits_per_weight: i.ty.bits_per_weight(),
+            });
         e.tensors += 1;
         e.params += i.n_elements();
         e.bytes += i.nbytes;
@@ -121,8 +123,14 @@ pub fn summarize(model: &GgufModel) -> ModelSummary {
             .collect(),
         gguf_version: model.shards()[0].header().version,
         architecture: md.architecture().map(str::to_string),
-        name: md.get("general.name").and_then(Value::as_str).map(str::to_string),
-        file_kind: md.get("general.type").and_then(Value::as_str).map(str::to_string),
+        name: md
+            .get("general.name")
+            .and_then(Value::as_str)
+            .map(str::to_string),
+        file_kind: md
+            .get("general.type")
+            .and_then(Value::as_str)
+            .map(str::to_string),
         file_size: model.file_size(),
         n_params,
         tensor_bytes,

@@ -26,7 +26,9 @@ pub fn with_threads<T: Send>(
     let mut b = rayon::ThreadPoolBuilder::new();
     if let Some(n) = threads {
         if n == 0 {
-            return Err(crate::Error::Invalid("thread count must be at least 1".into()));
+            return Err(crate::Error::Invalid(
+                "thread count must be at least 1".into(),
+            ));
         }
         b = b.num_threads(n);
     }

@@ -8,7 +8,10 @@ use rayon::prelude::*;
 
 use crate::error::{Error, Result};
 use crate::flows::progress::{with_threads, Progress};
-use crate::format::gguf::{GgufModel, GgufWriter, Metadata, TensorSpec, Value, KEY_SPLIT_COUNT, KEY_SPLIT_NO, KEY_SPLIT_TENSORS_COUNT};
+use crate::format::gguf::{
+    GgufModel, GgufWriter, Metadata, TensorSpec, Value, KEY_SPLIT_COUNT, KEY_SPLIT_NO,
+    KEY_SPLIT_TENSORS_COUNT,
+};
 use crate::format::{nbytes, GgmlType};
 use crate::quant::{codec, ggml, plan_types, ModelFacts, PlanInput, QuantError, Target};
 
@@ -68,7 +71,11 @@ pub fn plan_model(model: &GgufModel, target: Target) -> Vec<GgmlType> {
             ty: t.info.ty,
         })
         .collect();
-    plan_types(&inputs, &ModelFacts::from_metadata(model.metadata()), target)
+    plan_types(
+        &inputs,
+        &ModelFacts::from_metadata(model.metadata()),
+        target,
+    )
 }
 
 /// The output metadata: the input's, with `general.file_type` and
@@ -122,7 +129,11 @@ pub fn quantize_model(
             codec::check_quantize(to, i.row_len(), &i.name).map_err(tensor_err)?;
         }
         total += nbytes(&i.shape, to).map_err(|e| {
-            Error::Invalid(format!("{}: tensor {:?}: {to}: {e}", input.display(), i.name))
+            Error::Invalid(format!(
+                "{}: tensor {:?}: {to}: {e}",
+                input.display(),
+                i.name
+            ))
         })?;
         specs.push(TensorSpec {
             name: i.name.clone(),
@@ -153,11 +164,19 @@ pub fn quantize_model(
                 if i.ty.is_quantized() {
                     requantized += 1;
                 }
-                convert_tensor(&mut writer, t.data, i.ty, to, i.row_len(), &i.name, progress)
-                    .map_err(|e| match e {
-                        ConvertError::Quant(q) => tensor_err(q),
-                        ConvertError::Other(e) => e,
-                    })?;
+                convert_tensor(
+                    &mut writer,
+                    t.data,
+                    i.ty,
+                    to,
+                    i.row_len(),
+                    &i.name,
+                    progress,
+                )
+                .map_err(|e| match e {
+                    ConvertError::Quant(q) => tensor_err(q),
+                    ConvertError::Other(e) => e,
+                })?;
             }
             writer.end_tensor()?;
             outcomes.push(TensorOutcome {

@@ -271,10 +271,13 @@ pub fn element_count(shape: &[u64]) -> Option<u64> {
 /// The only size computation in ggmerge: the GGUF parser, planners and writers all call it.
 pub fn nbytes(shape: &[u64], ty: GgmlType) -> Result<u64, SizeError> {
     let ne0 = shape.first().copied().unwrap_or(1);
-    let row = ty.row_bytes(ne0).ok_or(SizeError::RowNotBlockAligned {
-        ne0,
-        block_size: ty.block_size(),
-    })?;
+    if ne0 % ty.block_size() != 0 {
+        return Err(SizeError::RowNotBlockAligned {
+            ne0,
+            block_size: ty.block_size(),
+        });
+    }
+    let row = ty.row_bytes(ne0).ok_or(SizeError::Overflow)?;
     let rows = element_count(shape.get(1..).unwrap_or(&[])).ok_or(SizeError::Overflow)?;
     row.checked_mul(rows).ok_or(SizeError::Overflow)
 }
@@ -307,7 +310,10 @@ mod tests {
 
     #[test]
     fn nbytes_checks_blocks_and_overflow() {
-        assert_eq!(nbytes(&[576, 49152], GgmlType::Q8_0), Ok(576 / 32 * 34 * 49152));
+        assert_eq!(
+            nbytes(&[576, 49152], GgmlType::Q8_0),
+            Ok(576 / 32 * 34 * 49152)
+        );
         assert_eq!(nbytes(&[576], GgmlType::F32), Ok(2304));
         assert_eq!(
             nbytes(&[640, 2], GgmlType::Q4_K),
@@ -316,7 +322,13 @@ mod tests {
                 block_size: 256
             })
         );
-        assert_eq!(nbytes(&[u64::MAX, 2], GgmlType::F32), Err(SizeError::Overflow));
-        assert_eq!(nbytes(&[1 << 40, 1 << 40], GgmlType::F32), Err(SizeError::Overflow));
+        assert_eq!(
+            nbytes(&[u64::MAX, 2], GgmlType::F32),
+            Err(SizeError::Overflow)
+        );
+        assert_eq!(
+            nbytes(&[1 << 40, 1 << 40], GgmlType::F32),
+            Err(SizeError::Overflow)
+        );
     }
 }

@@ -110,7 +110,8 @@ impl OutputFile {
         let file = writer
             .into_inner()
             .map_err(|e| io("cannot flush (disk full?)", e.into_error()))?;
-        file.sync_all().map_err(|e| io("cannot sync (disk full?)", e))?;
+        file.sync_all()
+            .map_err(|e| io("cannot sync (disk full?)", e))?;
         drop(file);
         fs::rename(&self.tmp, &self.target)
             .map_err(|e| io("cannot rename the temporary file onto the output", e))?;

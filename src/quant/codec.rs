@@ -110,7 +110,12 @@ fn rows_per_task(n_per_row: u64) -> usize {
 }
 
 /// Dequantizes a tensor's bytes into `dst` (one f32 per element), in parallel.
-pub fn dequantize(ty: GgmlType, src: &[u8], dst: &mut [f32], tensor: &str) -> Result<(), QuantError> {
+pub fn dequantize(
+    ty: GgmlType,
+    src: &[u8],
+    dst: &mut [f32],
+    tensor: &str,
+) -> Result<(), QuantError> {
     check_dequantize(ty, tensor)?;
     let blk = ty.block_size() as usize;
     let n = dst.len();
@@ -180,11 +185,13 @@ pub fn convert(
 ) -> Result<(), QuantError> {
     check_dequantize(src_ty, tensor)?;
     check_quantize(dst_ty, n_per_row, tensor)?;
-    let src_row = src_ty.row_bytes(n_per_row).ok_or_else(|| QuantError::SizeMismatch {
-        tensor: tensor.into(),
-        expected: 0,
-        found: src.len() as u64,
-    })? as usize;
+    let src_row = src_ty
+        .row_bytes(n_per_row)
+        .ok_or_else(|| QuantError::SizeMismatch {
+            tensor: tensor.into(),
+            expected: 0,
+            found: src.len() as u64,
+        })? as usize;
     let dst_row = dst_ty.row_bytes(n_per_row).unwrap_or(0) as usize;
     let n_rows = src.len() / src_row.max(1);
     if src.len() != n_rows * src_row || dst.len() != n_rows * dst_row {
@@ -222,14 +229,22 @@ mod tests {
     use super::*;
 
     fn ramp(n: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 300.0).collect()
+        (0..n)
+            .map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 300.0)
+            .collect()
     }
 
     #[test]
     fn parallel_quantize_matches_one_ggml_call() {
         let n_per_row = 512u64;
         let src = ramp(512 * 300);
-        for ty in [GgmlType::Q4_K, GgmlType::Q8_0, GgmlType::IQ4_XS, GgmlType::F16, GgmlType::BF16] {
+        for ty in [
+            GgmlType::Q4_K,
+            GgmlType::Q8_0,
+            GgmlType::IQ4_XS,
+            GgmlType::F16,
+            GgmlType::BF16,
+        ] {
             let size = ty.row_bytes(n_per_row).unwrap() as usize * 300;
             let mut reference = vec![0u8; size];
             ggml::quantize_chunk(ty, &src, n_per_row, &mut reference);
@@ -245,7 +260,10 @@ mod tests {
         src[700] = f32::NAN;
         let mut out = vec![0u8; GgmlType::Q8_0.row_bytes(256).unwrap() as usize * 4];
         let err = quantize(GgmlType::Q8_0, &src, 256, &mut out, "blk.0.w").unwrap_err();
-        assert!(matches!(err, QuantError::NonFinite { index: 700, .. }), "{err}");
+        assert!(
+            matches!(err, QuantError::NonFinite { index: 700, .. }),
+            "{err}"
+        );
     }
 
     #[test]

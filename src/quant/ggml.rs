@@ -38,7 +38,11 @@ pub fn has_to_float(ty: GgmlType) -> bool {
 pub fn to_float(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     let n = dst.len() as u64;
     assert!(n % ty.block_size() == 0, "{ty}: {n} is not whole blocks");
-    assert_eq!(src.len() as u64, n / ty.block_size() * ty.type_size(), "{ty}: size mismatch");
+    assert_eq!(
+        src.len() as u64,
+        n / ty.block_size() * ty.type_size(),
+        "{ty}: size mismatch"
+    );
     // SAFETY: as in `ggml_traits`.
     let f = unsafe { (*sys::ggml_get_type_traits(raw(ty))).to_float }
         .unwrap_or_else(|| panic!("ggml has no to_float for {ty}"));
@@ -55,7 +59,11 @@ pub fn to_float(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
 /// produced; callers check the type table first.
 pub fn quantize_chunk(ty: GgmlType, src: &[f32], n_per_row: u64, dst: &mut [u8]) {
     use crate::format::ggml_type::QuantizeSupport;
-    assert_eq!(ty.traits().quantize, QuantizeSupport::Yes, "{ty} cannot be quantized to");
+    assert_eq!(
+        ty.traits().quantize,
+        QuantizeSupport::Yes,
+        "{ty} cannot be quantized to"
+    );
     let n = src.len() as u64;
     assert!(n_per_row > 0 && n % n_per_row == 0, "{ty}: not whole rows");
     let row = ty.row_bytes(n_per_row).expect("row not whole blocks");
@@ -89,4 +97,34 @@ pub fn validate_row_data(ty: GgmlType, data: &[u8]) -> bool {
     // SAFETY: the function reads exactly `data.len()` bytes, which must be whole blocks
     // (checked above; it would otherwise return false after logging). No pointer is kept.
     unsafe { sys::ggml_validate_row_data(raw(ty), data.as_ptr().cast(), data.len()) }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::ggml_type::{QuantizeSupport, TYPES};
+
+    /// Every row of ggmerge's type table agrees with the linked ggml.
+    #[test]
+    fn type_table_matches_ggml() {
+        for t in TYPES {
+            let ty = GgmlType::from_id(t.id).unwrap();
+            let (name, blck, size) = ggml_traits(ty);
+            assert_eq!(name, t.ggml_name, "id {}", t.id);
+            assert_eq!(
+                (blck, size),
+                (ty.block_size(), ty.type_size()),
+                "{}",
+                t.name
+            );
+            // F32 has no ggml to_float (ggmerge copies it); every other dequantizable type does.
+            let expect_to_float = t.can_dequantize && ty != GgmlType::F32;
+            assert_eq!(has_to_float(ty), expect_to_float, "{} to_float", t.name);
+            // SAFETY: valid id, static table.
+            let needs = unsafe { sys::ggml_quantize_requires_imatrix(raw(ty)) };
+            if needs {
+                assert_eq!(t.quantize, QuantizeSupport::NeedsImatrix, "{}", t.name);
+            }
+        }
+    }
 }

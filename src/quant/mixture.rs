@@ -314,14 +314,14 @@ impl State<'_> {
         use GgmlType as G;
         let f = self.facts;
         let arch_falcon = f.arch == "falcon";
-        let iq_low = [
-            "IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M",
-        ];
+        let iq_low = ["IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"];
         if cat == Category::Output || (self.has_tied_embeddings && cat == Category::TokenEmbd) {
             let nx = shape[0];
             if arch_falcon || nx % t.block_size() != 0 {
                 t = G::Q8_0;
-            } else if self.is(&["IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"]) {
+            } else if self.is(&[
+                "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M",
+            ]) {
                 t = G::Q5_K;
             } else if t != G::Q8_0 {
                 t = G::Q6_K;
@@ -375,7 +375,11 @@ impl State<'_> {
             } else if self.is(&["IQ3_M"]) {
                 t = G::Q4_K;
             } else if self.is(&["Q3_K_M"]) {
-                t = if self.i_attention_wv < 2 { G::Q5_K } else { G::Q4_K };
+                t = if self.i_attention_wv < 2 {
+                    G::Q5_K
+                } else {
+                    G::Q4_K
+                };
             } else if self.is(&["Q3_K_L"]) {
                 t = G::Q5_K;
             } else if self.is(&["IQ4_NL", "IQ4_XS"]) && gqa4 {
@@ -426,8 +430,7 @@ impl State<'_> {
                 } else {
                     G::Q3_K
                 };
-            } else if self.is(&["IQ3_M"])
-                && (i < n / 8 || (f.n_expert == 8 && use_more_bits(i, n)))
+            } else if self.is(&["IQ3_M"]) && (i < n / 8 || (f.n_expert == 8 && use_more_bits(i, n)))
             {
                 t = G::Q4_K;
             } else if self.is(&["Q3_K_L"]) {
@@ -509,7 +512,13 @@ pub fn fallback(t: GgmlType, ncols: u64) -> GgmlType {
         return t;
     }
     let r = match t {
-        G::IQ1_S | G::IQ1_M | G::IQ2_XXS | G::IQ2_XS | G::IQ2_S | G::IQ3_XXS | G::IQ3_S
+        G::IQ1_S
+        | G::IQ1_M
+        | G::IQ2_XXS
+        | G::IQ2_XS
+        | G::IQ2_S
+        | G::IQ3_XXS
+        | G::IQ3_S
         | G::IQ4_XS => G::IQ4_NL,
         G::Q2_0 | G::Q2_K | G::Q3_K | G::TQ1_0 | G::TQ2_0 => G::Q4_0,
         G::Q4_K => G::Q5_0,
@@ -576,7 +585,10 @@ mod tests {
     fn names_and_aliases_parse() {
         assert_eq!(Target::parse("q4_k_m", false).unwrap().ftype.id, 15);
         assert_eq!(Target::parse("Q4_K", false).unwrap().ftype.name, "Q4_K_M");
-        assert_eq!(Target::parse("f16", true).unwrap().ftype.default_type, GgmlType::F16);
+        assert_eq!(
+            Target::parse("f16", true).unwrap().ftype.default_type,
+            GgmlType::F16
+        );
         let err = Target::parse("Q4_K_X", false).unwrap_err().to_string();
         assert!(err.contains("Q4_K_M"), "{err}");
     }

@@ -172,7 +172,9 @@ impl GgufModel {
                 }
                 let count = s.metadata().get_u64(KEY_SPLIT_COUNT);
                 if count != Some(n as u64) {
-                    return Err(err(format!("expected {KEY_SPLIT_COUNT} = {n}, found {count:?}")));
+                    return Err(err(format!(
+                        "expected {KEY_SPLIT_COUNT} = {n}, found {count:?}"
+                    )));
                 }
                 let declared = s.metadata().get_u64(KEY_SPLIT_TENSORS_COUNT);
                 if declared != Some(total as u64) {

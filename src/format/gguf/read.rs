@@ -20,6 +20,10 @@ pub const DEFAULT_ALIGNMENT: u64 = 32;
 pub const MAX_DIMS: usize = 4;
 /// ggml's limit on tensor name length in bytes (`GGML_MAX_NAME` − 1).
 pub const MAX_NAME_LEN: usize = 63;
+/// Most list entries reserved up front from a count read from the file. Bounding a count by the
+/// bytes left still lets one hostile count in a multi-GB file reserve several times the file's
+/// size; past this, lists grow only as entries are actually read.
+const MAX_PREALLOC: usize = 4096;
 
 /// One tensor's header entry, validated.
 #[derive(Clone, Debug, PartialEq)]
@@ -219,7 +223,7 @@ fn read_value(c: &mut Cursor<'_>, key: &str, ty: ValueType) -> Result<Value> {
                     )
                 }
                 ValueType::String => {
-                    let mut v = Vec::with_capacity(n);
+                    let mut v = Vec::with_capacity(n.min(MAX_PREALLOC));
                     for _ in 0..n {
                         v.push(c.string(&what)?);
                     }
@@ -259,7 +263,8 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
             return Err(FormatError::UnsupportedVersion {
                 path: path.to_path_buf(),
                 version,
-                hint: " (this looks like a big-endian GGUF; only little-endian files are supported)",
+                hint:
+                    " (this looks like a big-endian GGUF; only little-endian files are supported)",
             })
         }
         _ => {
@@ -276,7 +281,7 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
     let n_kv = c.count(13, &|| "metadata key/value".into())?;
 
     let mut metadata = Metadata::new();
-    let mut seen = std::collections::HashSet::with_capacity(n_kv);
+    let mut seen = std::collections::HashSet::with_capacity(n_kv.min(MAX_PREALLOC));
     for i in 0..n_kv {
         let key = c.string(&|| format!("key of metadata entry {i}"))?;
         if !seen.insert(key.clone()) {
@@ -307,8 +312,8 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
         }
     };
 
-    let mut tensors = Vec::with_capacity(n_tensors);
-    let mut names = std::collections::HashSet::with_capacity(n_tensors);
+    let mut tensors = Vec::with_capacity(n_tensors.min(MAX_PREALLOC));
+    let mut names = std::collections::HashSet::with_capacity(n_tensors.min(MAX_PREALLOC));
     for i in 0..n_tensors {
         let name = c.string(&|| format!("name of tensor {i}"))?;
         let bad = |reason: String| FormatError::BadTensor {
@@ -324,7 +329,9 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
         }
         let n_dims = c.u32(&|| format!("dimension count of tensor {name:?}"))?;
         if n_dims == 0 || n_dims as usize > MAX_DIMS {
-            return Err(bad(format!("has {n_dims} dimensions, ggml allows 1 to {MAX_DIMS}")));
+            return Err(bad(format!(
+                "has {n_dims} dimensions, ggml allows 1 to {MAX_DIMS}"
+            )));
         }
         let mut shape = Vec::with_capacity(n_dims as usize);
         for _ in 0..n_dims {

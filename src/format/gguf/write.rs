@@ -56,16 +56,32 @@ fn put_value(buf: &mut Vec<u8>, v: &Value) {
             match a {
                 Array::U8(v) => buf.extend_from_slice(v),
                 Array::I8(v) => buf.extend(v.iter().map(|&x| x as u8)),
-                Array::U16(v) => v.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
-                Array::I16(v) => v.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
-                Array::U32(v) => v.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
-                Array::I32(v) => v.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
-                Array::F32(v) => v.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
+                Array::U16(v) => v
+                    .iter()
+                    .for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
+                Array::I16(v) => v
+                    .iter()
+                    .for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
+                Array::U32(v) => v
+                    .iter()
+                    .for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
+                Array::I32(v) => v
+                    .iter()
+                    .for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
+                Array::F32(v) => v
+                    .iter()
+                    .for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
                 Array::Bool(v) => buf.extend(v.iter().map(|&x| u8::from(x))),
                 Array::String(v) => v.iter().for_each(|s| put_str(buf, s)),
-                Array::U64(v) => v.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
-                Array::I64(v) => v.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
-                Array::F64(v) => v.iter().for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
+                Array::U64(v) => v
+                    .iter()
+                    .for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
+                Array::I64(v) => v
+                    .iter()
+                    .for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
+                Array::F64(v) => v
+                    .iter()
+                    .for_each(|x| buf.extend_from_slice(&x.to_le_bytes())),
             }
         }
     }
@@ -89,7 +105,11 @@ pub fn encode_header(
     let alignment = match metadata.get("general.alignment") {
         None => DEFAULT_ALIGNMENT,
         Some(Value::U32(a)) if *a > 0 && a.is_power_of_two() => u64::from(*a),
-        Some(v) => return Err(err(format!("general.alignment must be a u32 power of two, is {v:?}"))),
+        Some(v) => {
+            return Err(err(format!(
+                "general.alignment must be a u32 power of two, is {v:?}"
+            )))
+        }
     };
     let mut buf = Vec::with_capacity(1 << 16);
     buf.extend_from_slice(MAGIC);
@@ -106,13 +126,19 @@ pub fn encode_header(
     let mut seen = std::collections::HashSet::new();
     for t in tensors {
         if t.name.len() > MAX_NAME_LEN {
-            return Err(err(format!("tensor name {:?} is longer than {MAX_NAME_LEN} bytes", t.name)));
+            return Err(err(format!(
+                "tensor name {:?} is longer than {MAX_NAME_LEN} bytes",
+                t.name
+            )));
         }
         if !seen.insert(t.name.as_str()) {
             return Err(err(format!("duplicate tensor {:?}", t.name)));
         }
         if t.shape.is_empty() || t.shape.len() > MAX_DIMS || t.shape.contains(&0) {
-            return Err(err(format!("tensor {:?} has invalid shape {:?}", t.name, t.shape)));
+            return Err(err(format!(
+                "tensor {:?} has invalid shape {:?}",
+                t.name, t.shape
+            )));
         }
         let size = nbytes(&t.shape, t.ty)
             .map_err(|e| err(format!("tensor {:?} ({} {:?}): {e}", t.name, t.ty, t.shape)))?;
@@ -177,10 +203,13 @@ impl GgufWriter {
 
     /// Closes the next tensor: checks its size and writes the alignment padding.
     pub fn end_tensor(&mut self) -> Result<()> {
-        let expected = *self.sizes.get(self.next).ok_or_else(|| FormatError::Write {
-            path: self.out.target().to_path_buf(),
-            reason: "more tensors written than declared".into(),
-        })?;
+        let expected = *self
+            .sizes
+            .get(self.next)
+            .ok_or_else(|| FormatError::Write {
+                path: self.out.target().to_path_buf(),
+                reason: "more tensors written than declared".into(),
+            })?;
         let got = self.out.written() - self.tensor_start;
         if got != expected {
             return Err(FormatError::Write {
