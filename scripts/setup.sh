@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Installs what building and testing ggmerge needs on a fresh Debian machine (as root, with Rust):
+#   - cmake and libclang-dev (llama-cpp-sys-2 builds llama.cpp/ggml from source with bindgen)
+#   - gguf-py and numpy (the independent reference reader used by the tests)
+# Idempotent: does nothing when everything is present.
+set -euo pipefail
+py=${PYTHON:-python3}
+
+need_apt=()
+command -v cmake >/dev/null 2>&1 || need_apt+=(cmake)
+ls /usr/lib/llvm-*/lib/libclang*.so* >/dev/null 2>&1 || need_apt+=(libclang-dev)
+command -v c++ >/dev/null 2>&1 || need_apt+=(g++)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "installing Debian packages: ${need_apt[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+if ! "$py" -c "import gguf, numpy" >/dev/null 2>&1; then
+  echo "installing gguf-py (gguf==0.19.0) and numpy" >&2
+  "$py" -m pip install --quiet --disable-pip-version-check "gguf==0.19.0" numpy
+fi
