@@ -3,10 +3,10 @@
 //!
 //! Layers, lowest first (each depends only on those below it):
 //!
-//! - [`format`]: GGUF reading (zero-copy, validated, split models) and streaming writing; the
+//! - [`format`](mod@format) — GGUF reading (zero-copy, validated, split models) and streaming writing; the
 //!   table of ggml types.
-//! - [`quant`]: dequantize/quantize through ggml (bit-exact), llama.cpp's mixtures (`Q4_K_M`…).
-//! - [`flows`]: the user-facing operations — [`inspect`], [`quantize_model`] — that the `ggmerge`
+//! - [`quant`] — dequantize/quantize through ggml (bit-exact), llama.cpp's mixtures (`Q4_K_M`…).
+//! - [`flows`] — the user-facing operations — [`inspect`], [`quantize_model`] — that the `ggmerge`
 //!   binary wraps.
 //!
 //! ```no_run

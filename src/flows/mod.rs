@@ -2,7 +2,7 @@
 //!
 //! - [`inspect`](inspect::inspect): summarize a GGUF model.
 //! - [`quantize_model`](quantize::quantize_model): requantize a model to a type or mixture.
-//! - [`progress`]: the [`Progress`](progress::Progress) callback and thread-pool helper.
+//! - [`progress`] — the [`Progress`](progress::Progress) callback and thread-pool helper.
 
 pub mod inspect;
 pub mod progress;

@@ -1,9 +1,9 @@
 //! File formats: the bottom layer. Knows bytes, not math.
 //!
-//! - [`ggml_type`]: the table of ggml tensor types and the one checked [`nbytes`].
-//! - [`gguf`]: GGUF reading (zero-copy, validated, split models) and streaming writing.
-//! - [`output`]: temporary-file-then-rename outputs that refuse to overwrite inputs.
-//! - [`error`]: [`FormatError`], one variant per failed check.
+//! - [`ggml_type`] — the table of ggml tensor types and the one checked [`nbytes`].
+//! - [`gguf`] — GGUF reading (zero-copy, validated, split models) and streaming writing.
+//! - [`output`] — temporary-file-then-rename outputs that refuse to overwrite inputs.
+//! - [`error`] — [`FormatError`], one variant per failed check.
 //!
 //! Nothing here depends on a higher layer (quant, merge, …).
 

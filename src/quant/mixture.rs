@@ -153,11 +153,7 @@ impl ModelFacts {
     }
 
     fn n_gqa(&self) -> u64 {
-        if self.n_head_kv == 0 {
-            0
-        } else {
-            self.n_head / self.n_head_kv
-        }
+        self.n_head.checked_div(self.n_head_kv).unwrap_or(0)
     }
 
     /// llama.cpp's LLM_TYPE_70B: 80-layer llama with grouped KV heads.
@@ -370,9 +366,7 @@ impl State<'_> {
             } else if self.is(&["IQ3_XXS"]) {
                 // Without an imatrix (ggmerge never has one) llama.cpp picks IQ3_S here.
                 t = if gqa4 { G::Q4_K } else { G::IQ3_S };
-            } else if self.is(&["IQ3_XS", "IQ3_S"]) && gqa4 {
-                t = G::Q4_K;
-            } else if self.is(&["IQ3_M"]) {
+            } else if (self.is(&["IQ3_XS", "IQ3_S"]) && gqa4) || self.is(&["IQ3_M"]) {
                 t = G::Q4_K;
             } else if self.is(&["Q3_K_M"]) {
                 t = if self.i_attention_wv < 2 {
@@ -380,9 +374,7 @@ impl State<'_> {
                 } else {
                     G::Q4_K
                 };
-            } else if self.is(&["Q3_K_L"]) {
-                t = G::Q5_K;
-            } else if self.is(&["IQ4_NL", "IQ4_XS"]) && gqa4 {
+            } else if self.is(&["Q3_K_L"]) || (self.is(&["IQ4_NL", "IQ4_XS"]) && gqa4) {
                 t = G::Q5_K;
             } else if self.is(&["Q4_K_M", "Q5_K_M"])
                 && use_more_bits(self.i_attention_wv, self.n_attention_wv)

@@ -1,9 +1,9 @@
 //! Quantization: the codecs and llama.cpp's mixtures. Sits on `format`.
 //!
-//! - [`codec`]: dequantize / quantize / convert rows in parallel (ggml for block types).
-//! - [`mixture`]: llama.cpp's file types (`Q4_K_M`, …) as per-tensor type plans.
-//! - [`ggml`]: the only ggml quantization FFI, behind a small safe API.
-//! - [`error`]: [`QuantError`].
+//! - [`codec`] — dequantize / quantize / convert rows in parallel (ggml for block types).
+//! - [`mixture`] — llama.cpp's file types (`Q4_K_M`, …) as per-tensor type plans.
+//! - [`ggml`] — the only ggml quantization FFI, behind a small safe API.
+//! - [`error`] — [`QuantError`].
 //!
 //! The type table itself ([`crate::format::ggml_type::TYPES`]) lives in `format`, because
 //! the parser needs block sizes; this layer supplies what its capability columns promise.

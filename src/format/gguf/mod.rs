@@ -1,8 +1,8 @@
 //! GGUF: zero-copy reading over a memory map (single and split files) and streaming writing.
 //!
-//! - [`read`]: the validating header parser ([`Header`], [`TensorInfo`]).
-//! - [`value`]: metadata values and the ordered [`Metadata`] list.
-//! - [`write`]: [`GgufWriter`], header first, then tensor data in order, to a temporary file
+//! - [`read`] — the validating header parser ([`Header`], [`TensorInfo`]).
+//! - [`value`] — metadata values and the ordered [`Metadata`] list.
+//! - [`write`](mod@write) — [`GgufWriter`], header first, then tensor data in order, to a temporary file
 //!   renamed on success.
 //! - This module: [`GgufFile`] (one mapped file) and [`GgufModel`] (one model, possibly split
 //!   into `NAME-00001-of-0000N.gguf` shards, seen as one).

@@ -284,6 +284,14 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
     let mut seen = std::collections::HashSet::with_capacity(n_kv.min(MAX_PREALLOC));
     for i in 0..n_kv {
         let key = c.string(&|| format!("key of metadata entry {i}"))?;
+        if key.is_empty() {
+            // gguf.cpp refuses empty keys, so llama.cpp cannot load such a file.
+            return Err(FormatError::BadValue {
+                path: path.to_path_buf(),
+                key,
+                reason: format!("metadata entry {i} has an empty key"),
+            });
+        }
         if !seen.insert(key.clone()) {
             return Err(FormatError::DuplicateKey {
                 path: path.to_path_buf(),
