@@ -32,7 +32,12 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-extern "C" fn quiet_log(_: sys::ggml_log_level, _: *const std::os::raw::c_char, _: *mut std::ffi::c_void) {}
+extern "C" fn quiet_log(
+    _: sys::ggml_log_level,
+    _: *const std::os::raw::c_char,
+    _: *mut std::ffi::c_void,
+) {
+}
 
 fn llama_quantize(input: &Path, output: &Path, ftype: u32, threads: i32) {
     let cin = CString::new(input.to_str().unwrap()).unwrap();
@@ -60,7 +65,11 @@ fn main() {
     let mut rows: Vec<f32> = Vec::new();
     for t in model.tensors() {
         let n = &t.info.name;
-        if t.info.ty == GgmlType::Q4_1 && ["blk.0.", "blk.1.", "blk.2.", "blk.3."].iter().any(|p| n.starts_with(p)) {
+        if t.info.ty == GgmlType::Q4_1
+            && ["blk.0.", "blk.1.", "blk.2.", "blk.3."]
+                .iter()
+                .any(|p| n.starts_with(p))
+        {
             let mut buf = vec![0f32; t.info.n_elements() as usize];
             quant::dequantize(t.info.ty, t.data, &mut buf, n).unwrap();
             rows.extend(buf);
@@ -70,22 +79,38 @@ fn main() {
     let n_per_row = 1536u64;
     rows.truncate(rows.len() / n_per_row as usize * n_per_row as usize);
     let n = rows.len();
-    println!("codec throughput on {:.1} M real SmolLM2 weights, {threads} threads (best of 3)", n as f64 / 1e6);
-    println!("{:<8} {:>14} {:>16}", "type", "quantize Mw/s", "dequantize Mw/s");
+    println!(
+        "codec throughput on {:.1} M real SmolLM2 weights, {threads} threads (best of 3)",
+        n as f64 / 1e6
+    );
+    println!(
+        "{:<8} {:>14} {:>16}",
+        "type", "quantize Mw/s", "dequantize Mw/s"
+    );
     for ty in GgmlType::all() {
         if ty.traits().quantize != QuantizeSupport::Yes {
             continue;
         }
         let mut q = vec![0u8; ty.row_bytes(n_per_row).unwrap() as usize * (n / n_per_row as usize)];
-        let tq = best_of(3, || quant::quantize(ty, &rows, n_per_row, &mut q, "bench").unwrap());
+        let tq = best_of(3, || {
+            quant::quantize(ty, &rows, n_per_row, &mut q, "bench").unwrap()
+        });
         let mut back = vec![0f32; n];
         let td = best_of(3, || quant::dequantize(ty, &q, &mut back, "bench").unwrap());
-        println!("{:<8} {:>14.1} {:>16.1}", ty.name(), n as f64 / tq / 1e6, n as f64 / td / 1e6);
+        println!(
+            "{:<8} {:>14.1} {:>16.1}",
+            ty.name(),
+            n as f64 / tq / 1e6,
+            n as f64 / td / 1e6
+        );
     }
 
     println!();
     println!("whole-model quantize, {threads} threads, vs llama_model_quantize (same llama.cpp, same run; best of 2)");
-    println!("{:<34} {:>10} {:>12} {:>8}", "model -> mixture", "ggmerge s", "llama.cpp s", "ratio");
+    println!(
+        "{:<34} {:>10} {:>12} {:>8}",
+        "model -> mixture", "ggmerge s", "llama.cpp s", "ratio"
+    );
     let dir = std::env::temp_dir().join(format!("ggmerge-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for (path, label) in [(&smol, "SmolLM2 Q4_1"), (&gemma, "Gemma3 Q4_K_M")] {
@@ -96,12 +121,23 @@ fn main() {
             let target = Target::parse(mixture, false).unwrap();
             let ours = dir.join("ours.gguf");
             let theirs = dir.join("theirs.gguf");
-            let opts = QuantizeOptions { target, threads: Some(threads) };
+            let opts = QuantizeOptions {
+                target,
+                threads: Some(threads),
+            };
             let a = best_of(2, || {
                 quantize_model(path, &ours, &opts, &NoProgress).unwrap();
             });
-            let b = best_of(2, || llama_quantize(path, &theirs, target.ftype.id, threads as i32));
-            println!("{:<34} {:>10.2} {:>12.2} {:>8.2}", format!("{label} -> {mixture}"), a, b, a / b);
+            let b = best_of(2, || {
+                llama_quantize(path, &theirs, target.ftype.id, threads as i32)
+            });
+            println!(
+                "{:<34} {:>10.2} {:>12.2} {:>8.2}",
+                format!("{label} -> {mixture}"),
+                a,
+                b,
+                a / b
+            );
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
