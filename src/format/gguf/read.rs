@@ -259,7 +259,7 @@ pub fn parse_header(bytes: &[u8], path: &Path) -> Result<Header> {
                 hint: " (GGUF v1 used 32-bit counts; convert it with a current llama.cpp)",
             })
         }
-        v if v.swap_bytes() <= 3 => {
+        v if v != 0 && v.swap_bytes() <= 3 => {
             return Err(FormatError::UnsupportedVersion {
                 path: path.to_path_buf(),
                 version,

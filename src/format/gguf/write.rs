@@ -117,6 +117,9 @@ pub fn encode_header(
     buf.extend_from_slice(&(tensors.len() as u64).to_le_bytes());
     buf.extend_from_slice(&(metadata.len() as u64).to_le_bytes());
     for (k, v) in metadata.iter() {
+        if k.is_empty() {
+            return Err(err("metadata keys must not be empty".into()));
+        }
         put_str(&mut buf, k);
         buf.extend_from_slice(&(v.value_type() as u32).to_le_bytes());
         put_value(&mut buf, v);
