@@ -2,6 +2,7 @@
 //!
 //! - [`ggml_type`] — the table of ggml tensor types and the one checked [`nbytes`].
 //! - [`gguf`] — GGUF reading (zero-copy, validated, split models) and streaming writing.
+//! - [`source`] — [`source::ModelSource`], a model as merge input (GGUF or other formats).
 //! - [`output`] — temporary-file-then-rename outputs that refuse to overwrite inputs.
 //! - [`error`] — [`FormatError`], one variant per failed check.
 //!
@@ -12,6 +13,7 @@ pub mod ggml_type;
 pub mod gguf;
 mod mmap;
 pub mod output;
+pub mod source;
 
 pub use error::FormatError;
 pub use ggml_type::{nbytes, GgmlType};
