@@ -27,6 +27,7 @@ pub mod format;
 pub mod quant;
 
 pub use error::{Error, Result};
+pub use flows::convert::{convert_model, ConvertOptions, ConvertReport};
 pub use flows::inspect::{inspect, ModelSummary};
 pub use flows::progress::{NoProgress, Progress};
 pub use flows::quantize::{quantize_model, QuantizeOptions, QuantizeReport};

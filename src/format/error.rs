@@ -172,6 +172,46 @@ pub enum FormatError {
         /// What is wrong.
         reason: String,
     },
+    /// A `config.json` or `model.safetensors.index.json` is invalid or names an unsupported
+    /// architecture.
+    #[error("{}: {reason}", path.display())]
+    Config {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A safetensors header is invalid (bad JSON, offsets, sizes), or a model directory lacks the
+    /// files a safetensors model needs.
+    #[error("{}: not a valid safetensors model: {reason}", path.display())]
+    Safetensors {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// A safetensors tensor has a dtype ggmerge does not read (only F32, F16 and BF16).
+    #[error("{}: tensor {name:?} has dtype {dtype}; only F32, F16 and BF16 are supported", path.display())]
+    UnsupportedDtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor (HF name).
+        name: String,
+        /// The dtype as written in the header.
+        dtype: String,
+    },
+    /// A tensor has no counterpart name in the other format for this architecture.
+    #[error("{}: tensor {name:?} has no {target} name for architecture {arch:?}", path.display())]
+    UnmappedTensor {
+        /// The file.
+        path: PathBuf,
+        /// The tensor.
+        name: String,
+        /// The architecture (GGUF spelling).
+        arch: String,
+        /// `GGUF` or `Hugging Face`.
+        target: &'static str,
+    },
 }
 
 /// Result of the format layer.
