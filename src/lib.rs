@@ -5,6 +5,8 @@
 //!
 //! - [`format`](mod@format) — GGUF reading (zero-copy, validated, split models) and streaming writing; the
 //!   table of ggml types.
+//! - [`merge`] — merge configs (mergekit YAML, TOML), the Philox mask RNG, and the streaming
+//!   per-tensor merge engine.
 //! - [`quant`] — dequantize/quantize through ggml (bit-exact), llama.cpp's mixtures (`Q4_K_M`…).
 //! - [`flows`] — the user-facing operations — [`inspect`], [`quantize_model`] — that the `ggmerge`
 //!   binary wraps.
@@ -24,10 +26,12 @@
 pub mod error;
 pub mod flows;
 pub mod format;
+pub mod merge;
 pub mod quant;
 
 pub use error::{Error, Result};
 pub use flows::convert::{convert_model, ConvertOptions, ConvertReport};
 pub use flows::inspect::{inspect, ModelSummary};
+pub use flows::merge::{merge_models, MergeOptions, MergeReport};
 pub use flows::progress::{NoProgress, Progress};
 pub use flows::quantize::{quantize_model, QuantizeOptions, QuantizeReport};

@@ -32,6 +32,83 @@ pub enum Command {
     ///
     /// Example: ggmerge quantize model-f16.gguf model-Q4_K_M.gguf Q4_K_M -t 8
     Quantize(QuantizeArgs),
+    /// Merge fine-tuned models into a base: DARE, TIES, task arithmetic, breadcrumbs, DELLA,
+    /// SLERP, linear — directly on GGUF (any quantization) and safetensors.
+    ///
+    /// Either give a mergekit YAML (or native TOML) config, or the short form: --base, then
+    /// each --model followed by its own --weight/--density/--gamma/--epsilon (values given
+    /// before the first --model apply to every model).
+    ///
+    /// Examples:
+    ///   ggmerge merge --base base.Q4_K_M.gguf --model math.gguf --weight 0.5 --density 0.1
+    ///       --model code.gguf --weight 0.5 --density 0.1 --method dare_ties -o merged.gguf
+    ///   ggmerge merge merge.yml -o merged.gguf --type Q4_K_M --seed 42
+    ///
+    /// Output tensors keep the base's types unless --type is given (a ggml type such as Q8_0
+    /// for every weight matrix, or a llama.cpp mixture such as Q4_K_M). Tensors no model
+    /// changes are copied verbatim. Same inputs and seed give byte-identical output for any
+    /// thread count.
+    Merge(MergeArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct MergeArgs {
+    /// A mergekit YAML (.yml/.yaml) or native TOML (.toml) merge config. Options below
+    /// override its output type and seed.
+    pub config: Option<PathBuf>,
+    /// Output GGUF file.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Base model (GGUF; its metadata and tokenizer go into the output).
+    #[arg(long)]
+    pub base: Option<PathBuf>,
+    /// A fine-tuned model (GGUF or safetensors); repeat for each.
+    #[arg(long = "model", action = clap::ArgAction::Append)]
+    pub models: Vec<PathBuf>,
+    /// Weight of the preceding --model.
+    #[arg(long, action = clap::ArgAction::Append, allow_negative_numbers = true)]
+    pub weight: Vec<f64>,
+    /// Density (kept fraction, 1 − drop rate) of the preceding --model, in (0, 1].
+    #[arg(long, action = clap::ArgAction::Append)]
+    pub density: Vec<f64>,
+    /// Breadcrumbs: fraction of the largest deltas removed (preceding --model).
+    #[arg(long, action = clap::ArgAction::Append)]
+    pub gamma: Vec<f64>,
+    /// DELLA: half-width of the keep-probability range (preceding --model).
+    #[arg(long, action = clap::ArgAction::Append)]
+    pub epsilon: Vec<f64>,
+    /// Merge method (mergekit names): linear, task_arithmetic, ties, dare_linear, dare_ties,
+    /// breadcrumbs, breadcrumbs_ties, della, della_linear, slerp.
+    #[arg(long, default_value = "dare_ties")]
+    pub method: String,
+    /// Scale of the merged delta.
+    #[arg(long)]
+    pub lambda: Option<f64>,
+    /// SLERP interpolation factor (0 = base, 1 = model).
+    #[arg(long = "t")]
+    pub slerp_t: Option<f64>,
+    /// Divide by the sum of weights (of agreeing models for TIES-style methods). Default: as mergekit per method.
+    #[arg(long)]
+    pub normalize: Option<bool>,
+    /// Rescale after dropping: inverse (÷ density, the DARE paper), l1 (match the L1 norm, mergekit's rescale: true), none.
+    #[arg(long)]
+    pub rescale: Option<String>,
+    /// Output type: a ggml type (Q8_0, Q4_K, F16 …) for every weight matrix, or a llama.cpp
+    /// mixture (Q4_K_M …). Default: every tensor keeps the base's type.
+    #[arg(long = "type")]
+    pub ty: Option<String>,
+    /// Mask seed (DARE/DELLA): same seed, same output.
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Threads (default: all cores).
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Print the per-tensor plan, output size and peak memory, without merging.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// No progress bar.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 #[derive(Args, Debug)]

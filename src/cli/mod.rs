@@ -3,19 +3,24 @@
 
 mod args;
 mod bars;
+mod merge;
 mod print;
 
 use std::process::ExitCode;
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 
 use args::{Cli, Command};
 
 /// Runs the CLI; errors print as one line (`error: FILE: tensor …: what`) and exit 1.
 pub fn main() -> ExitCode {
-    let cli = Cli::parse();
-    match run(cli) {
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
+    match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -24,7 +29,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn run(cli: Cli) -> anyhow::Result<()> {
+fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
     match cli.command {
         Command::Inspect(a) => {
             let summary = ggmerge::inspect(&a.file)?;
@@ -34,6 +39,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 print::summary(&summary, a.tensors, a.metadata);
             }
             Ok(())
+        }
+        Command::Merge(a) => {
+            let sub = matches.subcommand_matches("merge").unwrap_or(matches);
+            merge::run(&a, sub)
         }
         Command::Quantize(a) => {
             let target = ggmerge::quant::Target::parse(&a.ty, a.pure)?;

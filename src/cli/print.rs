@@ -150,3 +150,90 @@ pub fn quantize_report(r: &QuantizeReport, output: &Path, target: &Target) {
         r.output_bytes as f64 / 1e6 / r.seconds.max(1e-9)
     );
 }
+
+pub fn merge_plan(p: &ggmerge::flows::merge::MergePlan) {
+    use ggmerge::flows::merge::TensorAction;
+    println!("method:   {} (seed {})", p.method_name, p.seed);
+    println!("base:     {}", p.reference.path().display());
+    for (i, m) in p.models.iter().enumerate() {
+        println!("model {i}:  {}", m.path().display());
+    }
+    println!();
+    println!(
+        "{:<40} {:<8} {:<8} {:<10} params (weight/density per model)",
+        "tensor", "base", "output", "action"
+    );
+    for t in &p.tensors {
+        let action = match t.action {
+            TensorAction::Copy => "copy",
+            TensorAction::Requantize => "requant",
+            TensorAction::Merge => "merge",
+        };
+        let params = t
+            .params
+            .iter()
+            .map(|m| format!("{}/{}", m.weight, m.density))
+            .collect::<Vec<_>>()
+            .join(" ");
+        println!(
+            "{:<40} {:<8} {:<8} {:<10} {params}",
+            t.name,
+            t.base_ty.to_string(),
+            t.out_ty.to_string(),
+            action
+        );
+    }
+    let merged = p
+        .tensors
+        .iter()
+        .filter(|t| t.action == TensorAction::Merge)
+        .count();
+    println!();
+    println!(
+        "{} tensors: {merged} merged, {} copied or requantized",
+        p.tensors.len(),
+        p.tensors.len() - merged
+    );
+    println!("estimated output size: {}", mib(p.output_bytes));
+    println!(
+        "estimated peak memory: {} (plus memory-mapped inputs)",
+        mib(p.peak_memory)
+    );
+}
+
+pub fn merge_report(r: &ggmerge::flows::merge::MergeReport, output: &Path, method: &str) {
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!("wrote {} ({method})", output.display());
+    println!(
+        "  tensors:    {} ({} merged, {} copied verbatim)",
+        r.tensors, r.merged, r.copied
+    );
+    for (i, m) in r.models.iter().enumerate() {
+        let snr = m
+            .signal_to_noise
+            .map_or("n/a".to_string(), |s| format!("{s:.1}"));
+        println!(
+            "  model {i}:    kept {:.1}% of delta, zero deltas {:.1}%, delta RMS {:.2e}, delta/noise {snr} — {}",
+            100.0 * m.kept_share,
+            100.0 * m.zero_delta_share,
+            m.delta_rms,
+            m.path
+        );
+    }
+    for t in &r.retention {
+        println!(
+            "  retention:  {} keeps {:.1}% of the merged delta ({} tensors)",
+            t.ty,
+            100.0 * t.retention,
+            t.tensors
+        );
+    }
+    println!(
+        "  size:       {}, time {:.2} s, {:.1} MB/s",
+        mib(r.output_bytes),
+        r.seconds,
+        r.output_bytes as f64 / 1e6 / r.seconds.max(1e-9)
+    );
+}

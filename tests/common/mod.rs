@@ -6,6 +6,8 @@
 
 use std::path::PathBuf;
 
+pub mod experts;
+
 /// The model cache: `$GGMERGE_MODELS`, else `.cache/models` in the repository.
 pub fn models_dir() -> PathBuf {
     std::env::var_os("GGMERGE_MODELS")

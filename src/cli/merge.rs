@@ -1,0 +1,110 @@
+//! `ggmerge merge`: builds a merge config from a file or the short form and runs the flow.
+
+use std::path::Path;
+
+use anyhow::{bail, Context};
+use clap::ArgMatches;
+
+use ggmerge::merge::config::{
+    ConfigSource, MergeConfig, Method, ModelEntry, ParamValue, Params, Rescale,
+};
+use ggmerge::{merge_models, MergeOptions};
+
+use super::args::MergeArgs;
+use super::{bars, print};
+
+/// For each occurrence of a per-model option, the index of the `--model` it follows (`None`
+/// when it comes before the first `--model`: then it applies to all models).
+fn owners(m: &ArgMatches, id: &str) -> Vec<Option<usize>> {
+    let models: Vec<usize> = m
+        .indices_of("models")
+        .map(|i| i.collect())
+        .unwrap_or_default();
+    m.indices_of(id)
+        .map(|idx| idx.map(|i| models.iter().rposition(|&mi| mi < i)).collect())
+        .unwrap_or_default()
+}
+
+fn short_form(a: &MergeArgs, m: &ArgMatches) -> anyhow::Result<MergeConfig> {
+    let method = Method::from_name(&a.method).with_context(|| {
+        format!(
+            "unknown merge method {:?}; known: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp",
+            a.method
+        )
+    })?;
+    if a.models.is_empty() {
+        bail!("no models: give a config file, or --base and one or more --model");
+    }
+    let mut models: Vec<ModelEntry> = a
+        .models
+        .iter()
+        .map(|p| ModelEntry {
+            model: p.display().to_string(),
+            parameters: Params::default(),
+        })
+        .collect();
+    let mut global = Params::default();
+    for (id, values) in [
+        ("weight", &a.weight),
+        ("density", &a.density),
+        ("gamma", &a.gamma),
+        ("epsilon", &a.epsilon),
+    ] {
+        for (owner, v) in owners(m, id).into_iter().zip(values) {
+            let target = match owner {
+                Some(i) => &mut models[i].parameters,
+                None => &mut global,
+            };
+            target.set(id, ParamValue::Number(*v));
+        }
+    }
+    if let Some(l) = a.lambda {
+        global.set("lambda", ParamValue::Number(l));
+    }
+    if let Some(t) = a.slerp_t {
+        global.set("t", ParamValue::Number(t));
+    }
+    if let Some(n) = a.normalize {
+        global.set("normalize", ParamValue::Bool(n));
+    }
+    let mut config = MergeConfig::new(method, ConfigSource::Cli);
+    config.base_model = a.base.as_ref().map(|b| b.display().to_string());
+    config.models = models;
+    config.parameters = global;
+    config.seed = a.seed;
+    Ok(config)
+}
+
+pub fn run(a: &MergeArgs, m: &ArgMatches) -> anyhow::Result<()> {
+    let mut config = match &a.config {
+        Some(path) => {
+            if a.base.is_some() || !a.models.is_empty() {
+                bail!("give either a config file or --base/--model, not both");
+            }
+            MergeConfig::from_path(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => short_form(a, m)?,
+    };
+    if let Some(r) = &a.rescale {
+        config.rescale_setting = Some(
+            Rescale::from_name(r)
+                .with_context(|| format!("--rescale must be inverse, l1 or none, not {r:?}"))?,
+        );
+    }
+    let opts = MergeOptions {
+        output: a.output.clone(),
+        out_type: a.ty.clone(),
+        seed: a.seed,
+        threads: a.threads.or(config.threads),
+    };
+    if a.dry_run {
+        let plan = ggmerge::flows::merge::plan_merge(&config, &opts)?;
+        print::merge_plan(&plan);
+        return Ok(());
+    }
+    let bar = bars::Bars::new(a.quiet);
+    let report = merge_models(&config, &opts, &bar)
+        .with_context(|| format!("merging into {}", a.output.display()))?;
+    print::merge_report(&report, Path::new(&a.output), config.method.name());
+    Ok(())
+}

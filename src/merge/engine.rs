@@ -1,0 +1,573 @@
+//! Merging one tensor, streaming: statistics passes where a method needs a whole-tensor number
+//! (TIES rank cuts, L1 rescale factors, SLERP angles), then the main pass that dequantizes the
+//! base and every model chunk by chunk, sparsifies, combines, requantizes and hands the bytes
+//! to the writer slab by slab.
+//!
+//! Parallelism is over fixed chunks of rows (their layout depends only on the row length), and
+//! every statistic is either an integer sum or a float sum taken in chunk order, so the output
+//! and the report are the same for any thread count.
+
+use rayon::prelude::*;
+
+use crate::format::GgmlType;
+use crate::merge::kernel::{self, Combine, ModelSparsity, ScaleRule, Sparsifier};
+use crate::merge::mask::MaskKey;
+use crate::merge::select::{self, HighHistogram, LowHistogram, RankCut};
+use crate::quant::{codec, QuantError};
+
+/// Elements per chunk (rounded to whole rows).
+const CHUNK_ELEMS: usize = 64 * 1024;
+/// Output bytes per slab handed to the writer.
+const SLAB_BYTES: usize = 32 << 20;
+
+/// The shape of a merge method, as the engine sees it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Kind {
+    /// Weighted sum of the models themselves (no base).
+    Linear,
+    /// Spherical interpolation between the base and one model.
+    Slerp,
+    /// base + λ · combine(sparsify(model − base)).
+    TaskVector,
+}
+
+/// How survivors are rescaled after sparsification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RescaleMode {
+    /// ÷ density (DARE paper), ÷ keep probability (DELLA); no-op for magnitude sparsifiers.
+    Inverse,
+    /// Match the L1 norm of the delta per tensor (mergekit's `rescale: true`).
+    L1,
+    /// None.
+    None,
+}
+
+/// A method, resolved.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct MethodSpec {
+    /// Shape of the computation.
+    pub kind: Kind,
+    /// Sparsifier of each delta.
+    pub sparsifier: Sparsifier,
+    /// TIES sign election.
+    pub consensus: bool,
+    /// Divide by the sum of (agreeing) weights.
+    pub normalize: bool,
+    /// Rescale rule.
+    pub rescale: RescaleMode,
+}
+
+/// One input tensor's bytes and type.
+#[derive(Clone, Copy)]
+pub struct InputTensor<'a> {
+    /// Raw data (only the first `n_rows` rows are used).
+    pub data: &'a [u8],
+    /// Its type.
+    pub ty: GgmlType,
+}
+
+/// Per-model parameters for this tensor.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ModelParams {
+    /// Weight.
+    pub weight: f32,
+    /// Keep fraction (1 keeps all).
+    pub density: f64,
+    /// Breadcrumbs: fraction of largest magnitudes removed.
+    pub gamma: f64,
+    /// DELLA: half-width of the keep-probability range.
+    pub epsilon: f64,
+    /// Mask stream (the model's index among the merge inputs).
+    pub stream: u32,
+}
+
+/// Everything needed to merge one tensor.
+pub struct TensorJob<'a> {
+    /// Output (GGUF) name, also the mask key's tensor name.
+    pub name: &'a str,
+    /// Row length.
+    pub n_per_row: usize,
+    /// Rows.
+    pub n_rows: usize,
+    /// Base tensor (`None` for linear merges).
+    pub base: Option<InputTensor<'a>>,
+    /// Model tensors, in input order.
+    pub models: Vec<InputTensor<'a>>,
+    /// Their parameters.
+    pub params: Vec<ModelParams>,
+    /// The method.
+    pub method: MethodSpec,
+    /// Scale of the mixed delta.
+    pub lambda: f32,
+    /// SLERP's interpolation parameter.
+    pub t: f64,
+    /// Mask seed.
+    pub seed: u64,
+    /// Output type.
+    pub out_ty: GgmlType,
+}
+
+/// What merging one tensor measured.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct TensorStats {
+    /// Elements.
+    pub elements: u64,
+    /// Per model: deltas that were exactly zero before sparsification.
+    pub zero_deltas: Vec<u64>,
+    /// Per model: Σ δ² before sparsification.
+    pub delta_sumsq: Vec<f64>,
+    /// Per model: non-zero deltas after sparsification.
+    pub kept: Vec<u64>,
+    /// Σ over blocks of (estimated quantization step of the base)², and the block count.
+    pub step_sumsq: f64,
+    /// Blocks measured for `step_sumsq`.
+    pub step_blocks: u64,
+    /// ⟨q(merged) − base, Δ⟩ where Δ = merged − base before requantization.
+    pub retention_num: f64,
+    /// ⟨Δ, Δ⟩.
+    pub retention_den: f64,
+}
+
+/// An error while merging a tensor; `input` is `None` for the base, `Some(i)` for model i.
+#[derive(Debug)]
+pub struct EngineError {
+    /// Which input the error concerns, if one.
+    pub input: Option<usize>,
+    /// What failed.
+    pub source: QuantError,
+}
+
+struct Chunk {
+    index: usize,
+    row0: usize,
+    rows: usize,
+}
+
+impl TensorJob<'_> {
+    fn rows_per_chunk(&self) -> usize {
+        (CHUNK_ELEMS / self.n_per_row.max(1)).max(1)
+    }
+
+    fn chunks(&self) -> Vec<Chunk> {
+        let rpc = self.rows_per_chunk();
+        (0..self.n_rows.div_ceil(rpc))
+            .map(|index| Chunk {
+                index,
+                row0: index * rpc,
+                rows: rpc.min(self.n_rows - index * rpc),
+            })
+            .collect()
+    }
+
+    fn dequant_rows(
+        &self,
+        t: &InputTensor<'_>,
+        c: &Chunk,
+        out: &mut [f32],
+        input: Option<usize>,
+    ) -> Result<(), EngineError> {
+        let row = t.ty.row_bytes(self.n_per_row as u64).unwrap_or(0) as usize;
+        let bytes = &t.data[c.row0 * row..(c.row0 + c.rows) * row];
+        codec::dequantize_into(t.ty, bytes, out);
+        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+            return Err(EngineError {
+                input,
+                source: QuantError::NonFinite {
+                    tensor: self.name.into(),
+                    index: (c.row0 * self.n_per_row + i) as u64,
+                    value: out[i],
+                },
+            });
+        }
+        Ok(())
+    }
+
+    /// Dequantizes the base and the models for chunk `c` and turns model values into deltas
+    /// (for linear merges, with no base, the "deltas" are the values themselves).
+    fn load(
+        &self,
+        c: &Chunk,
+        base: &mut Vec<f32>,
+        deltas: &mut [Vec<f32>],
+    ) -> Result<(), EngineError> {
+        let n = c.rows * self.n_per_row;
+        base.clear();
+        if let Some(b) = &self.base {
+            base.resize(n, 0.0);
+            self.dequant_rows(b, c, base, None)?;
+        }
+        for (i, (m, d)) in self.models.iter().zip(deltas.iter_mut()).enumerate() {
+            d.resize(n, 0.0);
+            self.dequant_rows(m, c, d, Some(i))?;
+            if !base.is_empty() {
+                for (x, b) in d.iter_mut().zip(base.iter()) {
+                    *x -= b;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Runs `f` on every chunk (in parallel) with the chunk's base and deltas; results in chunk
+    /// order.
+    fn for_chunks<R: Send>(
+        &self,
+        chunks: &[Chunk],
+        f: impl Fn(&Chunk, &[f32], &mut [Vec<f32>]) -> R + Sync,
+    ) -> Result<Vec<R>, EngineError> {
+        chunks
+            .par_iter()
+            .map_init(
+                || (Vec::new(), vec![Vec::new(); self.models.len()]),
+                |(base, deltas), c| {
+                    self.load(c, base, deltas)?;
+                    Ok(f(c, base, deltas))
+                },
+            )
+            .collect()
+    }
+}
+
+/// Rank window [from, until) per model for magnitude sparsifiers, in elements.
+fn rank_window(kind: Sparsifier, p: &ModelParams, n: u64) -> Option<(u64, u64)> {
+    if p.density >= 1.0 {
+        return None;
+    }
+    let target = (p.density * n as f64) as u64;
+    match kind {
+        Sparsifier::Magnitude => Some((0, target)),
+        Sparsifier::Outliers => {
+            let mut top = (p.gamma * n as f64) as u64;
+            if target + top > n {
+                top = n - target;
+            }
+            Some((top, top + target))
+        }
+        _ => None,
+    }
+}
+
+/// Exact cuts at the given ranks of |δ| of model `i`, via two radix passes.
+fn rank_cuts(
+    job: &TensorJob<'_>,
+    chunks: &[Chunk],
+    i: usize,
+    ranks: &[u64],
+    n: u64,
+) -> Result<Vec<RankCut>, EngineError> {
+    let high = job
+        .for_chunks(chunks, |_, _, d| {
+            let mut h = HighHistogram::default();
+            h.add(&d[i]);
+            h
+        })?
+        .into_iter()
+        .fold(HighHistogram::default(), |mut a, b| {
+            a.merge(&b);
+            a
+        });
+    let mut cuts = Vec::with_capacity(ranks.len());
+    for &r in ranks {
+        if r >= n {
+            cuts.push(RankCut::everything());
+            continue;
+        }
+        if r == 0 {
+            cuts.push(RankCut::nothing());
+            continue;
+        }
+        let (bucket, above) = select::locate_high(&high, r);
+        let low = job
+            .for_chunks(chunks, |_, _, d| {
+                let mut l = LowHistogram::new(bucket);
+                l.add(&d[i]);
+                l
+            })?
+            .into_iter()
+            .fold(LowHistogram::new(bucket), |mut a, b| {
+                a.merge(&b);
+                a
+            });
+        cuts.push(select::locate_low(&low, above, r));
+    }
+    Ok(cuts)
+}
+
+/// Merges one tensor; output bytes go to `write` in order, slab by slab.
+pub fn merge_tensor(
+    job: &TensorJob<'_>,
+    write: &mut dyn FnMut(&[u8]) -> Result<(), crate::Error>,
+) -> Result<TensorStats, MergeTensorError> {
+    let chunks = job.chunks();
+    let n = (job.n_per_row * job.n_rows) as u64;
+    let m = job.models.len();
+    let spec = job.method;
+
+    // Per-model sparsity setup: masks, rank cuts, equal-prefix counts, rescale factors.
+    let mut sparsity: Vec<ModelSparsity> = job
+        .params
+        .iter()
+        .map(|p| ModelSparsity {
+            density: p.density,
+            epsilon: p.epsilon,
+            key: MaskKey::new(job.seed, p.stream, job.name),
+            keep_from: RankCut::nothing(),
+            keep_until: RankCut::everything(),
+            equal_before_chunk: (0, 0),
+            scale: match (spec.rescale, spec.sparsifier) {
+                (RescaleMode::Inverse, Sparsifier::Random) if p.density < 1.0 => {
+                    ScaleRule::Factor((1.0 / p.density) as f32)
+                }
+                (RescaleMode::Inverse, Sparsifier::Della) if p.density < 1.0 => {
+                    ScaleRule::InverseProbability
+                }
+                _ => ScaleRule::None,
+            },
+        })
+        .collect();
+    // A model whose density is 1 is never sparsified.
+    let sparsifier_of = |i: usize| {
+        if job.params[i].density >= 1.0 {
+            Sparsifier::None
+        } else {
+            spec.sparsifier
+        }
+    };
+
+    // Equal-prefix counts per chunk for the magnitude windows.
+    let mut equal_prefix: Vec<Vec<(u64, u64)>> = vec![Vec::new(); m];
+    if matches!(
+        spec.sparsifier,
+        Sparsifier::Magnitude | Sparsifier::Outliers
+    ) {
+        for i in 0..m {
+            let Some((from, until)) = rank_window(spec.sparsifier, &job.params[i], n) else {
+                continue;
+            };
+            let cuts =
+                rank_cuts(job, &chunks, i, &[from, until], n).map_err(MergeTensorError::Engine)?;
+            sparsity[i].keep_from = cuts[0];
+            sparsity[i].keep_until = cuts[1];
+            let (vf, vu) = (cuts[0].value_bits, cuts[1].value_bits);
+            let counts = job
+                .for_chunks(&chunks, |_, _, d| {
+                    let mut e = (0u64, 0u64);
+                    for v in &d[i] {
+                        let b = v.abs().to_bits();
+                        e.0 += u64::from(b == vf);
+                        e.1 += u64::from(b == vu);
+                    }
+                    e
+                })
+                .map_err(MergeTensorError::Engine)?;
+            let mut acc = (0u64, 0u64);
+            equal_prefix[i] = counts
+                .into_iter()
+                .map(|c| {
+                    let before = acc;
+                    acc = (acc.0 + c.0, acc.1 + c.1);
+                    before
+                })
+                .collect();
+        }
+    }
+
+    fn sparsity_at(
+        sp: &[ModelSparsity],
+        eq: &[Vec<(u64, u64)>],
+        i: usize,
+        c: &Chunk,
+    ) -> ModelSparsity {
+        let mut s = sp[i].clone();
+        if let Some(&e) = eq[i].get(c.index) {
+            s.equal_before_chunk = e;
+        }
+        s
+    }
+
+    // L1 rescale: factor = ‖δ‖₁ / ‖sparsified δ‖₁ per model and tensor.
+    if spec.rescale == RescaleMode::L1 && spec.sparsifier != Sparsifier::None {
+        let sums = job
+            .for_chunks(&chunks, |c, _, d| {
+                (0..m)
+                    .map(|i| {
+                        let before: f64 = d[i].iter().map(|v| f64::from(v.abs())).sum();
+                        let mut s = sparsity_at(&sparsity, &equal_prefix, i, c);
+                        s.scale = ScaleRule::None;
+                        kernel::sparsify(
+                            sparsifier_of(i),
+                            &s,
+                            (c.row0 * job.n_per_row) as u64,
+                            job.n_per_row,
+                            &mut d[i],
+                        );
+                        let after: f64 = d[i].iter().map(|v| f64::from(v.abs())).sum();
+                        (before, after)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .map_err(MergeTensorError::Engine)?;
+        for (i, s) in sparsity.iter_mut().enumerate() {
+            let (before, after) = sums
+                .iter()
+                .fold((0.0, 0.0), |a, c| (a.0 + c[i].0, a.1 + c[i].1));
+            s.scale = if before >= 1e-7 && after >= 1e-7 {
+                ScaleRule::Factor((before / after) as f32)
+            } else {
+                ScaleRule::None
+            };
+        }
+    }
+
+    // SLERP: one angle per tensor.
+    let mut slerp = (1.0f32, 0.0f32);
+    if spec.kind == Kind::Slerp {
+        let parts = job
+            .for_chunks(&chunks, |_, base, d| {
+                let (mut dot, mut n0, mut n1) = (0f64, 0f64, 0f64);
+                for (b, dv) in base.iter().zip(&d[0]) {
+                    let x = f64::from(b + dv);
+                    let b = f64::from(*b);
+                    dot += b * x;
+                    n0 += b * b;
+                    n1 += x * x;
+                }
+                (dot, n0, n1)
+            })
+            .map_err(MergeTensorError::Engine)?;
+        let (dot, n0, n1) = parts
+            .iter()
+            .fold((0.0, 0.0, 0.0), |a, p| (a.0 + p.0, a.1 + p.1, a.2 + p.2));
+        slerp = kernel::slerp_coefficients(job.t, dot, n0, n1);
+    }
+
+    let combine = Combine {
+        consensus: spec.consensus,
+        normalize: spec.normalize,
+        lambda: job.lambda,
+    };
+    let weights: Vec<f32> = job.params.iter().map(|p| p.weight).collect();
+    let out_row = job.out_ty.row_bytes(job.n_per_row as u64).unwrap_or(0) as usize;
+    let base_ty = job.base.map(|b| b.ty);
+    let step_block = base_ty
+        .filter(|t| t.is_quantized())
+        .map(|t| t.block_size() as usize);
+    let step_levels = base_ty.map_or(1.0, |t| {
+        (2f64.powf(t.bits_per_weight().round()) - 1.0).max(1.0)
+    });
+
+    let mut stats = TensorStats {
+        elements: n,
+        zero_deltas: vec![0; m],
+        delta_sumsq: vec![0.0; m],
+        kept: vec![0; m],
+        ..TensorStats::default()
+    };
+    let chunks_per_slab = (SLAB_BYTES / (out_row * job.rows_per_chunk()).max(1)).max(1);
+    for slab in chunks.chunks(chunks_per_slab) {
+        let results = job
+            .for_chunks(
+                slab,
+                |c, base, d| -> Result<(Vec<u8>, TensorStats), QuantError> {
+                    let len = c.rows * job.n_per_row;
+                    let start = (c.row0 * job.n_per_row) as u64;
+                    let mut st = TensorStats {
+                        zero_deltas: vec![0; m],
+                        delta_sumsq: vec![0.0; m],
+                        kept: vec![0; m],
+                        ..TensorStats::default()
+                    };
+                    if let Some(bs) = step_block {
+                        for blk in base.chunks(bs) {
+                            let (lo, hi) = blk
+                                .iter()
+                                .fold((f32::MAX, f32::MIN), |a, &v| (a.0.min(v), a.1.max(v)));
+                            st.step_sumsq +=
+                                f64::from(hi - lo).powi(2) / (step_levels * step_levels);
+                            st.step_blocks += 1;
+                        }
+                    }
+                    for i in 0..m {
+                        st.zero_deltas[i] = d[i].iter().filter(|v| **v == 0.0).count() as u64;
+                        st.delta_sumsq[i] =
+                            d[i].iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+                    }
+                    let mut out = vec![0f32; len];
+                    if spec.kind == Kind::Slerp {
+                        for ((o, b), dv) in out.iter_mut().zip(base).zip(&d[0]) {
+                            *o = slerp.0 * b + slerp.1 * (b + dv);
+                        }
+                    } else {
+                        for i in 0..m {
+                            let s = sparsity_at(&sparsity, &equal_prefix, i, c);
+                            kernel::sparsify(sparsifier_of(i), &s, start, job.n_per_row, &mut d[i]);
+                            st.kept[i] = d[i].iter().filter(|v| **v != 0.0).count() as u64;
+                        }
+                        kernel::combine(combine, base, d, &weights, &mut out);
+                    }
+                    if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+                        return Err(QuantError::NonFinite {
+                            tensor: job.name.into(),
+                            index: start + i as u64,
+                            value: out[i],
+                        });
+                    }
+                    // Rows the merge leaves exactly as they were keep the base's own bytes:
+                    // requantizing dequantized values is not always the identity (K-quants search
+                    // their scales), and an untouched row must not change.
+                    if let Some(b) = job.base.filter(|b| b.ty == job.out_ty) {
+                        if out
+                            .iter()
+                            .zip(base)
+                            .all(|(o, x)| o.to_bits() == x.to_bits())
+                        {
+                            let bytes =
+                                b.data[c.row0 * out_row..(c.row0 + c.rows) * out_row].to_vec();
+                            return Ok((bytes, st));
+                        }
+                    }
+                    let mut bytes = vec![0u8; c.rows * out_row];
+                    codec::quantize_into(job.out_ty, &out, job.n_per_row as u64, &mut bytes);
+                    if !base.is_empty() {
+                        let mut back = vec![0f32; len];
+                        codec::dequantize_into(job.out_ty, &bytes, &mut back);
+                        for ((q, o), b) in back.iter().zip(&out).zip(base) {
+                            let delta = f64::from(o - b);
+                            st.retention_num += f64::from(q - b) * delta;
+                            st.retention_den += delta * delta;
+                        }
+                    }
+                    Ok((bytes, st))
+                },
+            )
+            .map_err(MergeTensorError::Engine)?;
+        for r in results {
+            let (bytes, st) = r.map_err(|source| {
+                MergeTensorError::Engine(EngineError {
+                    input: None,
+                    source,
+                })
+            })?;
+            write(&bytes).map_err(MergeTensorError::Write)?;
+            for i in 0..m {
+                stats.zero_deltas[i] += st.zero_deltas[i];
+                stats.delta_sumsq[i] += st.delta_sumsq[i];
+                stats.kept[i] += st.kept[i];
+            }
+            stats.step_sumsq += st.step_sumsq;
+            stats.step_blocks += st.step_blocks;
+            stats.retention_num += st.retention_num;
+            stats.retention_den += st.retention_den;
+        }
+    }
+    Ok(stats)
+}
+
+/// Why a tensor merge failed.
+#[derive(Debug)]
+pub enum MergeTensorError {
+    /// Reading or computing.
+    Engine(EngineError),
+    /// Writing the output.
+    Write(crate::Error),
+}

@@ -1,0 +1,18 @@
+//! Merging: configuration, masks, and the per-tensor engine. Sits on `quant` and `format`.
+//!
+//! - [`config`] — mergekit YAML / native TOML configs and per-tensor parameter resolution.
+//! - [`mask`] — the Philox4x32-10 mask RNG (DESIGN.md "Mask RNG"): masks depend only on
+//!   (seed, stream, tensor name, element index).
+//! - [`select`] — exact top-k / rank-window selection over |δ| without sorting the tensor.
+//! - [`kernel`] — per-chunk arithmetic: sparsify, sign election, combine, SLERP.
+//! - [`engine`] — one tensor, streamed: statistics passes, then dequantize → merge →
+//!   requantize chunk by chunk in parallel.
+//!
+//! The user-facing flow that plans a whole merge and writes the file is
+//! [`crate::flows::merge`].
+
+pub mod config;
+pub mod engine;
+pub mod kernel;
+pub mod mask;
+pub mod select;

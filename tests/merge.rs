@@ -1,0 +1,265 @@
+//! `merge` end to end on the real fixtures: experts made by perturbing the real base with
+//! realistic deltas, merged with every method, read back by gguf-py and evaluated by llama.cpp.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use common::experts::{llama_logits, make_expert};
+use ggmerge::format::gguf::GgufModel;
+use ggmerge::format::GgmlType;
+use ggmerge::merge::config::{ConfigSource, MergeConfig, Method, ModelEntry, ParamValue, Params};
+use ggmerge::{merge_models, MergeOptions, NoProgress};
+
+/// Two SmolLM2 experts at F16 (every weight matrix perturbed by 1e-3·rms noise, different
+/// seeds), made once per test run.
+fn smol_experts() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
+    static E: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
+    E.get_or_init(|| {
+        let dir = common::tempdir();
+        let a = dir.path().join("math.f16.gguf");
+        let b = dir.path().join("code.f16.gguf");
+        make_expert(&common::smollm2(), &a, 1, 1e-3, GgmlType::F16, &[]);
+        make_expert(&common::smollm2(), &b, 2, 1e-3, GgmlType::F16, &[]);
+        (dir, a, b)
+    })
+}
+
+fn config(method: Method, base: &Path, models: &[(&Path, f64, f64)]) -> MergeConfig {
+    let mut cfg = MergeConfig::new(method, ConfigSource::Cli);
+    cfg.base_model = Some(base.display().to_string());
+    cfg.models = models
+        .iter()
+        .map(|(p, w, d)| {
+            let mut parameters = Params::default();
+            // The config refuses parameters a method does not read.
+            if method.param_names().contains(&"weight") {
+                parameters.set("weight", ParamValue::Number(*w));
+            }
+            if method.param_names().contains(&"density") {
+                parameters.set("density", ParamValue::Number(*d));
+            }
+            ModelEntry {
+                model: p.display().to_string(),
+                parameters,
+            }
+        })
+        .collect();
+    cfg.seed = Some(7);
+    cfg
+}
+
+fn opts(out: &Path, threads: usize) -> MergeOptions {
+    MergeOptions {
+        output: out.to_path_buf(),
+        out_type: None,
+        seed: None,
+        threads: Some(threads),
+    }
+}
+
+#[test]
+fn weight_zero_reproduces_the_base_exactly() {
+    let (_d, a, b) = smol_experts();
+    let dir = common::tempdir();
+    let out = dir.path().join("zero.gguf");
+    let cfg = config(
+        Method::TaskArithmetic,
+        &common::smollm2(),
+        &[(a, 0.0, 1.0), (b, 0.0, 1.0)],
+    );
+    let report = merge_models(&cfg, &opts(&out, 2), &NoProgress).unwrap();
+    assert!(report.merged > 200, "{report:?}");
+    let base = GgufModel::open(common::smollm2()).unwrap();
+    let merged = GgufModel::open(&out).unwrap();
+    for (x, y) in base.tensors().zip(merged.tensors()) {
+        assert_eq!(x.info.ty, y.info.ty);
+        assert!(x.data == y.data, "{} differs", x.info.name);
+    }
+}
+
+#[test]
+fn dare_ties_on_smollm2_loads_in_llama_cpp_and_is_thread_independent() {
+    let (_d, a, b) = smol_experts();
+    let dir = common::tempdir();
+    let one = dir.path().join("t1.gguf");
+    let two = dir.path().join("t2.gguf");
+    let cfg = config(
+        Method::DareTies,
+        &common::smollm2(),
+        &[(a, 0.5, 0.1), (b, 0.5, 0.1)],
+    );
+    let r1 = merge_models(&cfg, &opts(&one, 1), &NoProgress).unwrap();
+    merge_models(&cfg, &opts(&two, 2), &NoProgress).unwrap();
+    assert!(std::fs::read(&one).unwrap() == std::fs::read(&two).unwrap());
+    // 1-D norms are unchanged in the experts: copied verbatim.
+    assert_eq!(r1.copied, 61);
+    for m in &r1.models {
+        assert!((m.kept_share - 0.1).abs() < 0.01, "{m:?}");
+    }
+    assert_eq!(r1.retention.len(), 2, "{:?}", r1.retention); // Q4_1 and Q8_0 outputs
+    let logits = llama_logits(&one);
+    assert!(logits.iter().all(|v| v.is_finite()));
+    // The merge changed the model, but not into something else entirely.
+    let base = llama_logits(&common::smollm2());
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .unwrap()
+            .0
+    };
+    assert_ne!(logits, base);
+    assert_eq!(argmax(&logits), argmax(&base));
+}
+
+#[test]
+fn every_method_merges_and_ties_family_is_thread_independent() {
+    let (_d, a, b) = smol_experts();
+    let dir = common::tempdir();
+    for method in [
+        Method::Linear,
+        Method::TaskArithmetic,
+        Method::Ties,
+        Method::DareLinear,
+        Method::Breadcrumbs,
+        Method::BreadcrumbsTies,
+        Method::Della,
+        Method::DellaLinear,
+    ] {
+        let mut cfg = config(method, &common::smollm2(), &[(a, 0.5, 0.3), (b, 0.5, 0.3)]);
+        if method == Method::Linear {
+            // Linear has no base: the first model is the reference for metadata and types.
+            cfg.base_model = None;
+        }
+        if method == Method::Della || method == Method::DellaLinear {
+            cfg.parameters.set("epsilon", ParamValue::Number(0.1));
+        }
+        let o1 = dir.path().join(format!("{}-1.gguf", method.name()));
+        let o2 = dir.path().join(format!("{}-2.gguf", method.name()));
+        let r = merge_models(&cfg, &opts(&o1, 1), &NoProgress).unwrap();
+        merge_models(&cfg, &opts(&o2, 2), &NoProgress).unwrap();
+        assert!(
+            std::fs::read(&o1).unwrap() == std::fs::read(&o2).unwrap(),
+            "{}",
+            method.name()
+        );
+        if matches!(
+            method,
+            Method::Ties | Method::Breadcrumbs | Method::BreadcrumbsTies
+        ) {
+            // Exact top-k: 30% of every tensor's delta kept (ties resolved by index).
+            for m in &r.models {
+                assert!(
+                    (m.kept_share - 0.3).abs() < 0.002,
+                    "{} {m:?}",
+                    method.name()
+                );
+            }
+        }
+        std::fs::remove_file(&o2).unwrap();
+        let logits = llama_logits(&o1);
+        assert!(logits.iter().all(|v| v.is_finite()), "{}", method.name());
+        std::fs::remove_file(&o1).unwrap();
+    }
+    // SLERP: base and one model.
+    let mut cfg = config(Method::Slerp, &common::smollm2(), &[(a, 1.0, 1.0)]);
+    cfg.parameters.set("t", ParamValue::Number(0.5));
+    let o = dir.path().join("slerp.gguf");
+    merge_models(&cfg, &opts(&o, 2), &NoProgress).unwrap();
+    assert!(llama_logits(&o).iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn gemma3_q4_k_m_base_with_q8_0_experts_to_q4_k_m() {
+    let dir = common::tempdir();
+    let a = dir.path().join("a.q8.gguf");
+    let b = dir.path().join("b.q8.gguf");
+    // Perturb only the attention and FFN of a few layers, to keep the test quick; the rest of
+    // each expert is the base requantized to Q8_0 (and so differs from the base by noise).
+    make_expert(
+        &common::gemma3(),
+        &a,
+        3,
+        1e-3,
+        GgmlType::Q8_0,
+        &["blk.0.", "blk.1."],
+    );
+    make_expert(
+        &common::gemma3(),
+        &b,
+        4,
+        1e-3,
+        GgmlType::Q8_0,
+        &["blk.2.", "blk.3."],
+    );
+    let out = dir.path().join("merged.gguf");
+    let cfg = config(
+        Method::DareTies,
+        &common::gemma3(),
+        &[(&a, 0.5, 0.1), (&b, 0.5, 0.1)],
+    );
+    let mut o = opts(&out, 2);
+    o.out_type = Some("Q4_K_M".into());
+    let report = merge_models(&cfg, &o, &NoProgress).unwrap();
+    // Quantized inputs: the noise report is there for both experts.
+    for m in &report.models {
+        assert!(m.signal_to_noise.is_some(), "{m:?}");
+    }
+    let merged = GgufModel::open(&out).unwrap();
+    let base = GgufModel::open(common::gemma3()).unwrap();
+    for (x, y) in base.tensors().zip(merged.tensors()) {
+        assert_eq!(
+            x.info.ty, y.info.ty,
+            "{}: Q4_K_M plan of the base",
+            x.info.name
+        );
+    }
+    assert!(llama_logits(&out).iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn bad_inputs_are_clear_errors_without_output() {
+    let (_d, a, _b) = smol_experts();
+    let dir = common::tempdir();
+    let out = dir.path().join("out.gguf");
+    let check = |cfg: MergeConfig, needle: &str| {
+        let err = merge_models(&cfg, &opts(&out, 2), &NoProgress)
+            .err()
+            .expect("must fail")
+            .to_string();
+        assert!(err.contains(needle), "{needle:?} not in {err}");
+        assert!(
+            std::fs::read_dir(dir.path()).unwrap().next().is_none(),
+            "output left behind"
+        );
+    };
+    // Mismatched architecture.
+    check(
+        config(
+            Method::DareTies,
+            &common::smollm2(),
+            &[(&common::gemma3(), 1.0, 0.5)],
+        ),
+        "architecture",
+    );
+    // Missing base.
+    let mut cfg = config(Method::DareTies, &common::smollm2(), &[(a, 1.0, 0.5)]);
+    cfg.base_model = None;
+    check(cfg, "base");
+    // Density outside (0, 1].
+    check(
+        config(Method::DareTies, &common::smollm2(), &[(a, 1.0, 1.5)]),
+        "density",
+    );
+    // A model file that does not exist.
+    check(
+        config(
+            Method::DareTies,
+            &common::smollm2(),
+            &[(Path::new("/nonexistent/x.gguf"), 1.0, 0.5)],
+        ),
+        "x.gguf",
+    );
+}
