@@ -263,3 +263,184 @@ fn bad_inputs_are_clear_errors_without_output() {
         "x.gguf",
     );
 }
+
+fn to_safetensors(input: &Path, out: &Path, ty: GgmlType) {
+    let opts = ggmerge::ConvertOptions {
+        out_type: Some(ty),
+        ..Default::default()
+    };
+    ggmerge::convert_model(input, out, &opts, &NoProgress).unwrap();
+}
+
+#[test]
+fn gguf_base_with_a_safetensors_expert_equals_the_gguf_expert() {
+    // GGUF → safetensors (F16, q/k rows un-permuted to HF order) → merged into the GGUF base:
+    // the result must be byte-identical to merging the GGUF expert itself.
+    let (_d, a, b) = smol_experts();
+    let dir = common::tempdir();
+    let a_st = dir.path().join("math-hf");
+    to_safetensors(a, &a_st, GgmlType::F16);
+    let via_gguf = dir.path().join("via-gguf.gguf");
+    let via_st = dir.path().join("via-st.gguf");
+    merge_models(
+        &config(
+            Method::DareTies,
+            &common::smollm2(),
+            &[(a, 0.6, 0.2), (b, 0.4, 0.2)],
+        ),
+        &opts(&via_gguf, 2),
+        &NoProgress,
+    )
+    .unwrap();
+    merge_models(
+        &config(
+            Method::DareTies,
+            &common::smollm2(),
+            &[(&a_st, 0.6, 0.2), (b, 0.4, 0.2)],
+        ),
+        &opts(&via_st, 2),
+        &NoProgress,
+    )
+    .unwrap();
+    assert!(std::fs::read(&via_gguf).unwrap() == std::fs::read(&via_st).unwrap());
+}
+
+#[test]
+fn safetensors_to_safetensors_merge_matches_the_gguf_route() {
+    use ggmerge::format::safetensors::SafetensorsModel;
+    use ggmerge::format::source::ModelSource;
+    let (_d, a, b) = smol_experts();
+    let dir = common::tempdir();
+    let base_st = dir.path().join("base-hf");
+    let a_st = dir.path().join("a-hf");
+    let b_st = dir.path().join("b-hf");
+    to_safetensors(&common::smollm2(), &base_st, GgmlType::F32);
+    to_safetensors(a, &a_st, GgmlType::F16);
+    to_safetensors(b, &b_st, GgmlType::F16);
+    // safetensors in, safetensors out (HF names, F32).
+    let out_st = dir.path().join("merged-hf");
+    let mut o = opts(&out_st, 2);
+    o.out_type = Some("F32".into());
+    merge_models(
+        &config(
+            Method::DareTies,
+            &base_st,
+            &[(&a_st, 0.5, 0.3), (&b_st, 0.5, 0.3)],
+        ),
+        &o,
+        &NoProgress,
+    )
+    .unwrap();
+    // The same merge through GGUF with F32 output.
+    let out_gguf = dir.path().join("merged.gguf");
+    let mut o = opts(&out_gguf, 2);
+    o.out_type = Some("F32".into());
+    merge_models(
+        &config(
+            Method::DareTies,
+            &common::smollm2(),
+            &[(a, 0.5, 0.3), (b, 0.5, 0.3)],
+        ),
+        &o,
+        &NoProgress,
+    )
+    .unwrap();
+    let st = SafetensorsModel::open(&out_st).unwrap();
+    let gg = GgufModel::open(&out_gguf).unwrap();
+    assert_eq!(ModelSource::tensor_names(&st).len(), gg.n_tensors());
+    for t in gg.tensors() {
+        let s = ModelSource::tensor(&st, &t.info.name).unwrap().unwrap();
+        assert_eq!(s.ty, GgmlType::F32, "{}", t.info.name);
+        assert!(s.data.as_ref() == t.data, "{} differs", t.info.name);
+    }
+}
+
+#[test]
+fn mergekit_yaml_and_short_form_cli() {
+    let (_d, a, b) = smol_experts();
+    let dir = common::tempdir();
+    let bin = env!("CARGO_BIN_EXE_ggmerge");
+    let yaml = dir.path().join("merge.yml");
+    std::fs::write(
+        &yaml,
+        format!(
+            "merge_method: dare_ties\nbase_model: {base}\nmodels:\n  - model: {base}\n  - model: {a}\n    parameters:\n      weight: 0.5\n      density: [0.1, 0.3]\n  - model: {b}\n    parameters:\n      weight:\n        - filter: attn\n          value: 0.3\n        - value: 0.5\n      density: 0.2\nparameters:\n  normalize: false\ndtype: float16\ntokenizer_source: base\n",
+            base = common::smollm2().display(),
+            a = a.display(),
+            b = b.display()
+        ),
+    )
+    .unwrap();
+    let out_yaml = dir.path().join("yaml.gguf");
+    let o = std::process::Command::new(bin)
+        .args([
+            "merge",
+            yaml.to_str().unwrap(),
+            "-o",
+            out_yaml.to_str().unwrap(),
+            "--seed",
+            "3",
+            "-t",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("merged") && s.contains("retention"), "{s}");
+    // dtype: float16 → every weight matrix F16.
+    let m = GgufModel::open(&out_yaml).unwrap();
+    assert_eq!(
+        m.tensor_by_name("blk.0.attn_q.weight").unwrap().info.ty,
+        GgmlType::F16
+    );
+
+    // Short form: per-model options follow their --model; --dry-run writes nothing.
+    let out_cli = dir.path().join("cli.gguf");
+    let base = common::smollm2();
+    let args = [
+        "merge",
+        "--base",
+        base.to_str().unwrap(),
+        "--model",
+        a.to_str().unwrap(),
+        "--weight",
+        "0.7",
+        "--density",
+        "0.1",
+        "--model",
+        b.to_str().unwrap(),
+        "--weight",
+        "0.3",
+        "--density",
+        "0.5",
+        "--method",
+        "dare_linear",
+        "-o",
+        out_cli.to_str().unwrap(),
+        "--dry-run",
+    ];
+    let o = std::process::Command::new(bin).args(args).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let s = String::from_utf8_lossy(&o.stdout);
+    assert!(s.contains("0.7/0.1 0.3/0.5"), "{s}");
+    assert!(
+        s.contains("estimated output size") && s.contains("estimated peak memory"),
+        "{s}"
+    );
+    assert!(!out_cli.exists());
+
+    // Unsupported mergekit keys are named.
+    std::fs::write(&yaml, "merge_method: ties\nslices:\n  - sources: []\n").unwrap();
+    let o = std::process::Command::new(bin)
+        .args([
+            "merge",
+            yaml.to_str().unwrap(),
+            "-o",
+            out_cli.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains("slices"));
+}

@@ -49,6 +49,46 @@ pub enum Command {
     /// changes are copied verbatim. Same inputs and seed give byte-identical output for any
     /// thread count.
     Merge(MergeArgs),
+    /// Convert between GGUF and safetensors (Hugging Face names, with llama.cpp's q/k
+    /// permutation and Gemma norm offset undone or applied) for llama, mistral, qwen2, qwen3,
+    /// gemma2 and gemma3.
+    ///
+    /// GGUF → safetensors: OUTPUT is a .safetensors file or a directory (gets
+    /// model.safetensors, or shards and an index, plus config.json). safetensors → GGUF: INPUT
+    /// is a .safetensors file, an index or an HF directory; --metadata-from names the GGUF whose
+    /// metadata and tokenizer the output gets.
+    ///
+    /// Examples:
+    ///   ggmerge convert SmolLM2-135M-Instruct.Q4_1.gguf smol-hf/ --type F32
+    ///   ggmerge convert smol-hf/ smol.gguf --metadata-from SmolLM2-135M-Instruct.Q4_1.gguf
+    Convert(ConvertArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ConvertArgs {
+    /// Input model (GGUF, or safetensors file / index / directory).
+    pub input: PathBuf,
+    /// Output (a .gguf file, or a .safetensors file / directory).
+    pub output: PathBuf,
+    /// Type of matrices: F32, F16 (default for safetensors), BF16; for GGUF output also any
+    /// ggml type (Q8_0 …). 1-D tensors are always F32.
+    #[arg(long = "type")]
+    pub ty: Option<String>,
+    /// GGUF output: take metadata and tokenizer from this GGUF (required for safetensors → GGUF).
+    #[arg(long)]
+    pub metadata_from: Option<PathBuf>,
+    /// safetensors output: largest shard in MiB (default: one file).
+    #[arg(long)]
+    pub shard_mib: Option<u64>,
+    /// safetensors input without config.json: its architecture (llama, qwen2, gemma3 …).
+    #[arg(long)]
+    pub arch: Option<String>,
+    /// Threads (default: all cores).
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// No progress bar or summary.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 #[derive(Args, Debug)]

@@ -44,6 +44,32 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             let sub = matches.subcommand_matches("merge").unwrap_or(matches);
             merge::run(&a, sub)
         }
+        Command::Convert(a) => {
+            let out_type = match &a.ty {
+                Some(t) => Some(
+                    ggmerge::format::GgmlType::from_name(t)
+                        .with_context(|| format!("unknown type {t:?} (F32, F16, BF16, Q8_0 …)"))?,
+                ),
+                None => None,
+            };
+            let opts = ggmerge::ConvertOptions {
+                out_type,
+                metadata_from: a.metadata_from.clone(),
+                max_shard_bytes: a.shard_mib.map(|m| m << 20),
+                arch: a.arch.clone(),
+                threads: a.threads,
+                ..Default::default()
+            };
+            let bar = bars::Bars::new(a.quiet);
+            let r =
+                ggmerge::convert_model(&a.input, &a.output, &opts, &bar).with_context(|| {
+                    format!("converting {} to {}", a.input.display(), a.output.display())
+                })?;
+            if !a.quiet {
+                print::convert_report(&r);
+            }
+            Ok(())
+        }
         Command::Quantize(a) => {
             let target = ggmerge::quant::Target::parse(&a.ty, a.pure)?;
             let opts = ggmerge::QuantizeOptions {

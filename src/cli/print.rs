@@ -237,3 +237,28 @@ pub fn merge_report(r: &ggmerge::flows::merge::MergeReport, output: &Path, metho
         r.output_bytes as f64 / 1e6 / r.seconds.max(1e-9)
     );
 }
+
+pub fn convert_report(r: &ggmerge::ConvertReport) {
+    for f in &r.outputs {
+        println!("wrote {}", f.display());
+    }
+    println!("  tensors:    {} ({:?})", r.tensors, r.direction);
+    if !r.skipped.is_empty() {
+        println!(
+            "  skipped:    {} (no name in the output format)",
+            r.skipped.join(", ")
+        );
+    }
+    if !r.trimmed.is_empty() {
+        println!(
+            "  trimmed:    {} (extra vocabulary rows dropped, as llama.cpp does)",
+            r.trimmed.join(", ")
+        );
+    }
+    println!(
+        "  size:       {} -> {}, {:.2} s",
+        mib(r.input_bytes),
+        mib(r.output_bytes),
+        r.seconds
+    );
+}

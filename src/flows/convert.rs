@@ -103,16 +103,7 @@ pub struct ConvertReport {
     pub seconds: f64,
 }
 
-/// Whether `path` is a GGUF file (starts with the magic).
-fn is_gguf(path: &Path) -> bool {
-    use std::io::Read;
-    let mut magic = [0u8; 4];
-    path.is_file()
-        && std::fs::File::open(path)
-            .and_then(|mut f| f.read_exact(&mut magic))
-            .is_ok()
-        && &magic == b"GGUF"
-}
+use crate::format::gguf::is_gguf_file as is_gguf;
 
 /// Converts `input` to the other format, writing `output`.
 ///

@@ -11,7 +11,11 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::flows::progress::{with_threads, Progress};
-use crate::format::gguf::{GgufModel, GgufWriter, Metadata, TensorSpec, Value};
+use crate::format::gguf::{is_gguf_file, GgufModel, GgufWriter, Metadata, TensorSpec, Value};
+use crate::format::hf_names::{self, HfConfig};
+use crate::format::safetensors::{
+    write_safetensors, ExportTensor, SafetensorsModel, SafetensorsOptions,
+};
 use crate::format::source::ModelSource;
 use crate::format::{nbytes, GgmlType};
 use crate::merge::config::{MergeConfig, Method, Rescale, TensorContext};
@@ -70,8 +74,10 @@ pub struct PlannedTensor {
 
 /// The resolved merge: inputs, method, and every output tensor.
 pub struct MergePlan {
-    /// Reference GGUF (the base; for linear merges without base, the first model).
-    pub reference: GgufModel,
+    /// Reference model (the base; for linear merges without base, the first model).
+    pub reference: Box<dyn ModelSource>,
+    /// Output format, from the output path.
+    pub format: OutputFormat,
     /// Models in input order.
     pub models: Vec<Box<dyn ModelSource>>,
     /// Method, resolved.
@@ -88,6 +94,20 @@ pub struct MergePlan {
     pub output_bytes: u64,
     /// Estimated peak working memory in bytes (besides memory-mapped inputs).
     pub peak_memory: u64,
+}
+
+/// The output file format.
+#[derive(Clone, Debug, PartialEq)]
+pub enum OutputFormat {
+    /// GGUF with the base's metadata and tokenizer.
+    Gguf,
+    /// safetensors with HF names (`config` written next to it), sharded at `max_shard_bytes`.
+    Safetensors {
+        /// Architecture and head counts for names and transforms.
+        config: HfConfig,
+        /// Shard size, when the base is sharded.
+        max_shard_bytes: Option<u64>,
+    },
 }
 
 /// Per-model measurements of a merge.
@@ -139,9 +159,23 @@ pub struct MergeReport {
     pub warnings: Vec<String>,
 }
 
-/// Opens a merge input: a GGUF file (or split model), else safetensors.
-pub fn open_model(path: &Path) -> Result<Box<dyn ModelSource>> {
-    Ok(Box::new(GgufModel::open(path)?))
+/// Opens a merge input: a GGUF file (or split model), else safetensors (a file, a sharded
+/// index, or an HF directory). A safetensors model without `config.json` takes its
+/// architecture and head counts from `fallback` (the GGUF base's metadata).
+pub fn open_model(path: &Path, fallback: Option<&HfConfig>) -> Result<Box<dyn ModelSource>> {
+    if is_gguf_file(path) {
+        return Ok(Box::new(GgufModel::open(path)?));
+    }
+    if !path.exists() {
+        return Err(Error::Invalid(format!(
+            "{}: no such file or directory",
+            path.display()
+        )));
+    }
+    Ok(Box::new(match fallback {
+        Some(c) => SafetensorsModel::open_or_config(path, c.clone())?,
+        None => SafetensorsModel::open(path)?,
+    }))
 }
 
 /// The engine's view of a method.
@@ -196,6 +230,26 @@ fn layer_of(name: &str) -> Option<u32> {
     name.strip_prefix("blk.")?.split('.').next()?.parse().ok()
 }
 
+/// The HF config of a safetensors base (its `config.json`, else the fallback) and, when it is
+/// sharded, its largest shard's size, so the output is sharded like the input.
+fn safetensors_base(path: &Path, fallback: Option<&HfConfig>) -> Result<(HfConfig, Option<u64>)> {
+    let model = match fallback {
+        Some(c) => SafetensorsModel::open_or_config(path, c.clone())?,
+        None => SafetensorsModel::open(path)?,
+    };
+    let files = model.files();
+    let shard = (files.len() > 1)
+        .then(|| {
+            files
+                .iter()
+                .filter_map(|f| std::fs::metadata(f).ok())
+                .map(|m| m.len())
+                .max()
+        })
+        .flatten();
+    Ok((model.config().clone(), shard))
+}
+
 /// Resolves a config into a plan without computing anything (`--dry-run` prints it).
 pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan> {
     config
@@ -224,31 +278,54 @@ pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan
             }
         }
     };
-    let reference = GgufModel::open(&base_path).map_err(|e| match e {
-        crate::format::FormatError::BadMagic { .. } => invalid(format!(
-            "{}: the base must be a GGUF file: the output takes its metadata and tokenizer from it",
-            base_path.display()
-        )),
-        e => e.into(),
-    })?;
+    let reference = open_model(&base_path, None)?;
+    let fallback = reference.metadata().and_then(HfConfig::from_gguf_metadata);
     let models: Vec<Box<dyn ModelSource>> = config
         .models
         .iter()
-        .map(|m| open_model(Path::new(&m.model)))
+        .map(|m| open_model(Path::new(&m.model), fallback.as_ref()))
         .collect::<Result<_>>()?;
+    let to_gguf = opts
+        .output
+        .extension()
+        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    let format = if to_gguf {
+        if reference.metadata().is_none() {
+            return Err(invalid(format!(
+                "{}: GGUF output takes its metadata and tokenizer from a GGUF base, but the base {} is safetensors; \
+                 write .safetensors output, or use a GGUF base",
+                opts.output.display(),
+                base_path.display()
+            )));
+        }
+        OutputFormat::Gguf
+    } else {
+        let (config, max_shard_bytes) = match reference.metadata() {
+            Some(md) => (
+                HfConfig::from_gguf_metadata(md).ok_or_else(|| {
+                    invalid(format!(
+                        "{}: safetensors output needs an architecture ggmerge maps to Hugging Face names ({})",
+                        base_path.display(),
+                        hf_names::SUPPORTED_ARCHS.join(", ")
+                    ))
+                })?,
+                None,
+            ),
+            None => safetensors_base(&base_path, fallback.as_ref())?,
+        };
+        OutputFormat::Safetensors {
+            config,
+            max_shard_bytes,
+        }
+    };
     if method.kind == Kind::Slerp && models.len() != 1 {
         return Err(invalid(format!(
             "slerp interpolates the base and exactly one model; {} given",
             models.len()
         )));
     }
-
     // Architectures must agree.
-    let arch = reference
-        .metadata()
-        .architecture()
-        .unwrap_or("")
-        .to_string();
+    let arch = reference.architecture().unwrap_or("").to_string();
     for m in &models {
         if let Some(a) = m.architecture() {
             if a != arch {
@@ -262,86 +339,120 @@ pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan
     }
 
     let seed = opts.seed.or(config.seed).unwrap_or(0);
-    let n_layers = reference
-        .metadata()
-        .arch_u64("block_count")
-        .unwrap_or(1)
-        .max(1) as u32;
+    let n_layers = reference.block_count().unwrap_or(1).max(1) as u32;
 
     // Output types.
     let out_type = opts.out_type.clone().or_else(|| config.out_type.clone());
-    let types: Vec<GgmlType> = match &out_type {
-        None => reference.tensors().map(|t| t.info.ty).collect(),
-        Some(name) => {
+    let names = reference.tensor_names();
+    let infos: Vec<(Vec<u64>, GgmlType)> = names
+        .iter()
+        .map(|n| reference.tensor_info(n).expect("listed tensor"))
+        .collect();
+    let types: Vec<GgmlType> = match (&out_type, &format) {
+        (None, OutputFormat::Gguf) => infos.iter().map(|i| i.1).collect(),
+        (Some(name), OutputFormat::Gguf) => {
             let target = parse_out_type(name)?;
-            let inputs: Vec<PlanInput<'_>> = reference
-                .tensors()
-                .map(|t| PlanInput {
-                    name: &t.info.name,
-                    shape: &t.info.shape,
-                    ty: t.info.ty,
+            let inputs: Vec<PlanInput<'_>> = names
+                .iter()
+                .zip(&infos)
+                .map(|(n, (shape, ty))| PlanInput {
+                    name: n,
+                    shape,
+                    ty: *ty,
                 })
                 .collect();
-            plan_types(
-                &inputs,
-                &ModelFacts::from_metadata(reference.metadata()),
-                target,
-            )
+            let facts = reference
+                .metadata()
+                .map(ModelFacts::from_metadata)
+                .unwrap_or_default();
+            plan_types(&inputs, &facts, target)
+        }
+        (name, OutputFormat::Safetensors { .. }) => {
+            let matrices = match name {
+                Some(n) => match GgmlType::from_name(n) {
+                    Some(t @ (GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)) => Some(t),
+                    _ => {
+                        return Err(invalid(format!(
+                            "safetensors output is F32, F16 or BF16, not {n}"
+                        )))
+                    }
+                },
+                None => None,
+            };
+            infos
+                .iter()
+                .map(|(shape, ty)| match (shape.len(), matrices) {
+                    (1, _) => GgmlType::F32,
+                    (_, Some(t)) => t,
+                    (_, None) if matches!(*ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) => {
+                        *ty
+                    }
+                    (_, None) => GgmlType::F16,
+                })
+                .collect()
         }
     };
 
     let linear_ref = method.kind == Kind::Linear;
-    let mut tensors = Vec::with_capacity(reference.n_tensors());
+    let mut tensors = Vec::with_capacity(names.len());
     let mut output_bytes = 0u64;
-    for (t, &out_ty) in reference.tensors().zip(&types) {
-        let info = t.info;
+    for ((name, (shape, base_ty)), &out_ty) in names.iter().zip(&infos).zip(&types) {
+        let hf = hf_names::gguf_to_hf(&arch, name);
         let ctx = TensorContext {
-            gguf_name: &info.name,
-            hf_name: None,
-            layer: layer_of(&info.name),
+            gguf_name: name,
+            hf_name: hf.as_deref(),
+            layer: layer_of(name),
             n_layers,
         };
+        let mut base_data = None;
         let mut params = Vec::with_capacity(models.len());
         let mut all_same = true;
         for (i, m) in models.iter().enumerate() {
-            let (shape, ty) = m.tensor_info(&info.name).ok_or_else(|| {
+            let (m_shape, m_ty) = m.tensor_info(name).ok_or_else(|| {
                 invalid(format!(
                     "{}: has no tensor {:?} that the base {} has (architectures or tensor sets differ)",
                     m.path().display(),
-                    info.name,
+                    name,
                     base_path.display()
                 ))
             })?;
-            let embed = info.name == "token_embd.weight" || info.name == "output.weight";
-            let rows_ok = shape.len() == info.shape.len()
-                && shape[0] == info.shape[0]
-                && (shape[1..] == info.shape[1..] || (embed && shape[1..] >= info.shape[1..]));
+            let embed = name == "token_embd.weight" || name == "output.weight";
+            let rows_ok = m_shape.len() == shape.len()
+                && m_shape[0] == shape[0]
+                && (m_shape[1..] == shape[1..] || (embed && m_shape[1..] >= shape[1..]));
             if !rows_ok {
                 return Err(invalid(format!(
-                    "{}: tensor {:?} has shape {shape:?}, the base has {:?}",
+                    "{}: tensor {:?} has shape {m_shape:?}, the base has {:?}",
                     m.path().display(),
-                    info.name,
-                    info.shape
+                    name,
+                    *shape
                 )));
             }
             if all_same && !(linear_ref && i == 0) {
-                let same_type = ty == info.ty && shape == info.shape;
-                all_same = same_type
-                    && m.tensor(&info.name)?
-                        .is_some_and(|mt| mt.data.as_ref() == t.data);
+                all_same = m_ty == *base_ty && m_shape == *shape;
+                if all_same {
+                    // Read (and for safetensors, transform) the base only when it may be equal.
+                    if base_data.is_none() {
+                        base_data = reference.tensor(name)?;
+                    }
+                    let base_bytes = base_data.as_ref().map(|b| b.data.as_ref());
+                    all_same = m
+                        .tensor(name)?
+                        .is_some_and(|mt| Some(mt.data.as_ref()) == base_bytes);
+                }
             }
             let weight = config.number(Some(i), "weight", &ctx).unwrap_or(1.0);
             let density = config.number(Some(i), "density", &ctx).unwrap_or(1.0);
             if !(density > 0.0 && density <= 1.0) {
                 return Err(invalid(format!(
                     "model {}: density {density} for tensor {:?} is outside (0, 1]",
-                    config.models[i].model, info.name
+                    config.models[i].model, name
                 )));
             }
             if !weight.is_finite() {
                 return Err(invalid(format!(
                     "model {}: weight for tensor {:?} is not a finite number",
-                    config.models[i].model, info.name
+                    config.models[i].model, name
                 )));
             }
             params.push(ModelParams {
@@ -354,7 +465,7 @@ pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan
         }
         let normalize_identity = !linear_ref || method.normalize;
         let action = if all_same && normalize_identity {
-            if out_ty == info.ty {
+            if out_ty == *base_ty {
                 TensorAction::Copy
             } else {
                 TensorAction::Requantize
@@ -362,12 +473,12 @@ pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan
         } else {
             TensorAction::Merge
         };
-        output_bytes += nbytes(&info.shape, out_ty)
-            .map_err(|e| invalid(format!("tensor {:?} as {out_ty}: {e}", info.name)))?;
+        output_bytes += nbytes(&*shape, out_ty)
+            .map_err(|e| invalid(format!("tensor {:?} as {out_ty}: {e}", name)))?;
         tensors.push(PlannedTensor {
-            name: info.name.clone(),
-            shape: info.shape.clone(),
-            base_ty: info.ty,
+            name: name.clone(),
+            shape: shape.clone(),
+            base_ty: *base_ty,
             out_ty,
             action,
             params,
@@ -390,7 +501,7 @@ pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan
     let chunk = 64 * 1024 * 4u64;
     let peak_memory = threads * (chunk * (models.len() as u64 + 3) + 2 * 65536 * 8) + (32 << 20);
 
-    let mut metadata = reference.metadata().clone();
+    let mut metadata = reference.metadata().cloned().unwrap_or_default();
     for k in ["split.no", "split.count", "split.tensors.count"] {
         metadata.remove(k);
     }
@@ -407,6 +518,7 @@ pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan
         seed,
         tensors,
         metadata,
+        format,
         output_bytes,
         peak_memory,
     })
@@ -434,134 +546,239 @@ pub fn merge_models(
     run_plan(&plan, opts, progress, started)
 }
 
+/// Running totals of the engine's per-tensor measurements.
+#[derive(Default)]
+struct Totals {
+    zero: Vec<u64>,
+    sumsq: Vec<f64>,
+    kept: Vec<u64>,
+    elements: u64,
+    step_sumsq: f64,
+    step_blocks: u64,
+    retention: Vec<(GgmlType, f64, f64, usize)>,
+    merged: usize,
+}
+
+impl Totals {
+    fn add(&mut self, st: &engine::TensorStats, out_ty: GgmlType) {
+        self.merged += 1;
+        self.elements += st.elements;
+        self.zero.resize(st.zero_deltas.len(), 0);
+        self.sumsq.resize(st.delta_sumsq.len(), 0.0);
+        self.kept.resize(st.kept.len(), 0);
+        for i in 0..st.kept.len() {
+            self.zero[i] += st.zero_deltas[i];
+            self.sumsq[i] += st.delta_sumsq[i];
+            self.kept[i] += st.kept[i];
+        }
+        self.step_sumsq += st.step_sumsq;
+        self.step_blocks += st.step_blocks;
+        if st.retention_den > 0.0 && out_ty != GgmlType::F32 {
+            match self.retention.iter_mut().find(|r| r.0 == out_ty) {
+                Some(r) => {
+                    r.1 += st.retention_num;
+                    r.2 += st.retention_den;
+                    r.3 += 1;
+                }
+                None => self
+                    .retention
+                    .push((out_ty, st.retention_num, st.retention_den, 1)),
+            }
+        }
+    }
+}
+
+/// Produces output tensor `idx` of the plan as `out_ty` bytes, handed to `write` in order.
+fn produce_tensor(
+    plan: &MergePlan,
+    idx: usize,
+    out_ty: GgmlType,
+    totals: &mut Totals,
+    write: &mut dyn FnMut(&[u8]) -> Result<()>,
+) -> Result<()> {
+    let t = &plan.tensors[idx];
+    let base = plan.reference.tensor(&t.name)?.ok_or_else(|| {
+        Error::Invalid(format!(
+            "{}: tensor {:?} vanished",
+            plan.reference.path().display(),
+            t.name
+        ))
+    })?;
+    let base_err = |source| Error::Tensor {
+        path: plan.reference.path().to_path_buf(),
+        source,
+    };
+    match t.action {
+        TensorAction::Copy if out_ty == base.ty => write(&base.data),
+        TensorAction::Copy | TensorAction::Requantize => {
+            let size = nbytes(&t.shape, out_ty).unwrap_or(0) as usize;
+            let mut out = vec![0u8; size];
+            crate::quant::convert(base.ty, &base.data, out_ty, &mut out, t.shape[0], &t.name)
+                .map_err(base_err)?;
+            write(&out)
+        }
+        TensorAction::Merge => {
+            let model_tensors: Vec<_> = plan
+                .models
+                .iter()
+                .map(|m| {
+                    m.tensor(&t.name)?.ok_or_else(|| {
+                        Error::Invalid(format!(
+                            "{}: tensor {:?} vanished",
+                            m.path().display(),
+                            t.name
+                        ))
+                    })
+                })
+                .collect::<Result<_>>()?;
+            let linear = plan.method.kind == Kind::Linear;
+            let job = TensorJob {
+                name: &t.name,
+                n_per_row: t.shape[0] as usize,
+                n_rows: t.shape[1..].iter().product::<u64>() as usize,
+                base: (!linear).then_some(InputTensor {
+                    data: &base.data,
+                    ty: base.ty,
+                }),
+                models: model_tensors
+                    .iter()
+                    .map(|x| InputTensor {
+                        data: &x.data,
+                        ty: x.ty,
+                    })
+                    .collect(),
+                params: t.params.clone(),
+                method: plan.method,
+                lambda: t.lambda,
+                t: t.t,
+                seed: plan.seed,
+                out_ty,
+            };
+            let st =
+                engine::merge_tensor(&job, &mut |bytes| write(bytes)).map_err(|e| match e {
+                    MergeTensorError::Write(e) => e,
+                    MergeTensorError::Engine(e) => Error::Tensor {
+                        path: match e.input {
+                            None => plan.reference.path().to_path_buf(),
+                            Some(i) => plan.models[i].path().to_path_buf(),
+                        },
+                        source: e.source,
+                    },
+                })?;
+            totals.add(&st, out_ty);
+            Ok(())
+        }
+    }
+}
+
 fn run_plan(
     plan: &MergePlan,
     opts: &MergeOptions,
     progress: &dyn Progress,
     started: Instant,
 ) -> Result<MergeReport> {
-    let specs: Vec<TensorSpec> = plan
-        .tensors
-        .iter()
-        .map(|t| TensorSpec {
-            name: t.name.clone(),
-            shape: t.shape.clone(),
-            ty: t.out_ty,
-        })
-        .collect();
-    let mut inputs: Vec<&Path> = plan.reference.shards().iter().map(|s| s.path()).collect();
+    let mut inputs: Vec<&Path> = vec![plan.reference.path()];
     inputs.extend(plan.models.iter().map(|m| m.path()));
-    let version = plan.reference.shards()[0].header().version.max(2);
-    let mut writer = GgufWriter::create(&opts.output, version, &plan.metadata, &specs, &inputs)?;
-
-    let m = plan.models.len();
-    let mut zero = vec![0u64; m];
-    let mut sumsq = vec![0f64; m];
-    let mut kept = vec![0u64; m];
-    let mut elements = 0u64;
-    let (mut step_sumsq, mut step_blocks) = (0f64, 0u64);
-    let mut retention: Vec<(GgmlType, f64, f64, usize)> = Vec::new();
-    let mut merged = 0;
-    progress.start(plan.output_bytes);
+    let mut totals = Totals::default();
     let n = plan.tensors.len();
-    let result = with_threads(opts.threads, || {
-        for (idx, t) in plan.tensors.iter().enumerate() {
-            progress.tensor(&t.name, idx, n);
-            let base = plan.reference.tensor(idx);
-            match t.action {
-                TensorAction::Copy => {
-                    writer.write_part(base.data)?;
-                    progress.advance(base.data.len() as u64);
-                }
-                TensorAction::Requantize => {
-                    let size = nbytes(&t.shape, t.out_ty).unwrap_or(0) as usize;
-                    let mut out = vec![0u8; size];
-                    crate::quant::convert(
-                        t.base_ty, base.data, t.out_ty, &mut out, t.shape[0], &t.name,
-                    )
-                    .map_err(|source| Error::Tensor {
-                        path: plan.reference.path().to_path_buf(),
-                        source,
-                    })?;
-                    writer.write_part(&out)?;
-                    progress.advance(size as u64);
-                }
-                TensorAction::Merge => {
-                    merged += 1;
-                    let model_tensors: Vec<_> = plan
-                        .models
-                        .iter()
-                        .map(|mm| {
-                            mm.tensor(&t.name)
-                                .map(|x| x.expect("planned tensor exists"))
-                        })
-                        .collect::<std::result::Result<_, _>>()?;
-                    let linear = plan.method.kind == Kind::Linear;
-                    let job = TensorJob {
-                        name: &t.name,
-                        n_per_row: t.shape[0] as usize,
-                        n_rows: (t.shape[1..].iter().product::<u64>()) as usize,
-                        base: (!linear).then_some(InputTensor {
-                            data: base.data,
-                            ty: t.base_ty,
-                        }),
-                        models: model_tensors
-                            .iter()
-                            .map(|x| InputTensor {
-                                data: &x.data,
-                                ty: x.ty,
-                            })
-                            .collect(),
-                        params: t.params.clone(),
-                        method: plan.method,
-                        lambda: t.lambda,
-                        t: t.t,
-                        seed: plan.seed,
-                        out_ty: t.out_ty,
-                    };
-                    let st = engine::merge_tensor(&job, &mut |bytes| {
-                        progress.advance(bytes.len() as u64);
-                        writer.write_part(bytes).map_err(Error::from)
-                    })
-                    .map_err(|e| match e {
-                        MergeTensorError::Write(e) => e,
-                        MergeTensorError::Engine(e) => Error::Tensor {
-                            path: match e.input {
-                                None => plan.reference.path().to_path_buf(),
-                                Some(i) => plan.models[i].path().to_path_buf(),
-                            },
-                            source: e.source,
-                        },
-                    })?;
-                    elements += st.elements;
-                    for i in 0..m {
-                        zero[i] += st.zero_deltas[i];
-                        sumsq[i] += st.delta_sumsq[i];
-                        kept[i] += st.kept[i];
-                    }
-                    step_sumsq += st.step_sumsq;
-                    step_blocks += st.step_blocks;
-                    if st.retention_den > 0.0 && t.out_ty != GgmlType::F32 {
-                        match retention.iter_mut().find(|r| r.0 == t.out_ty) {
-                            Some(r) => {
-                                r.1 += st.retention_num;
-                                r.2 += st.retention_den;
-                                r.3 += 1;
-                            }
-                            None => {
-                                retention.push((t.out_ty, st.retention_num, st.retention_den, 1))
-                            }
-                        }
-                    }
-                }
+    progress.start(plan.output_bytes);
+    let result = with_threads(opts.threads, || match &plan.format {
+        OutputFormat::Gguf => {
+            let specs: Vec<TensorSpec> = plan
+                .tensors
+                .iter()
+                .map(|t| TensorSpec {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    ty: t.out_ty,
+                })
+                .collect();
+            let mut writer = GgufWriter::create(&opts.output, 3, &plan.metadata, &specs, &inputs)?;
+            for (idx, t) in plan.tensors.iter().enumerate() {
+                progress.tensor(&t.name, idx, n);
+                produce_tensor(plan, idx, t.out_ty, &mut totals, &mut |bytes| {
+                    progress.advance(bytes.len() as u64);
+                    writer.write_part(bytes).map_err(Error::from)
+                })?;
+                writer.end_tensor()?;
             }
-            writer.end_tensor()?;
+            Ok(writer.finish()?)
         }
-        Ok(())
+        OutputFormat::Safetensors {
+            config,
+            max_shard_bytes,
+        } => {
+            let export: Vec<ExportTensor> = plan
+                .tensors
+                .iter()
+                .map(|t| ExportTensor {
+                    name: t.name.clone(),
+                    shape: t.shape.clone(),
+                    ty: t.out_ty,
+                })
+                .collect();
+            let st_opts = SafetensorsOptions {
+                max_shard_bytes: *max_shard_bytes,
+                ..Default::default()
+            };
+            // The writer pulls f32 slabs in order; each tensor is merged whole (as F32) when its
+            // first slab is asked for — one tensor in f32 at a time.
+            let mut current: Option<(usize, Vec<f32>)> = None;
+            let out = write_safetensors(
+                &opts.output,
+                config,
+                &export,
+                &st_opts,
+                &inputs,
+                |i, first, buf: &mut [f32]| {
+                    if current.as_ref().map(|c| c.0) != Some(i) {
+                        progress.tensor(&plan.tensors[i].name, i, n);
+                        let mut values: Vec<f32> = Vec::new();
+                        produce_tensor(plan, i, GgmlType::F32, &mut totals, &mut |bytes| {
+                            values.extend(
+                                bytes
+                                    .chunks_exact(4)
+                                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                            );
+                            Ok(())
+                        })?;
+                        current = Some((i, values));
+                    }
+                    let values = &current.as_ref().expect("just set").1;
+                    let first = first as usize;
+                    buf.copy_from_slice(&values[first..first + buf.len()]);
+                    progress.advance(
+                        buf.len() as u64 * u64::from(plan.tensors[i].out_ty.traits().type_size),
+                    );
+                    Ok::<(), Error>(())
+                },
+            )?;
+            if let Some(dir) = out.files.first().and_then(|f| f.parent()) {
+                crate::format::safetensors::write_config_json(dir, config, &inputs)?;
+            }
+            Ok(out.bytes)
+        }
     });
     progress.finish();
-    result?;
-    let output_bytes = writer.finish()?;
+    let output_bytes = result?;
+    let Totals {
+        zero,
+        sumsq,
+        kept,
+        elements,
+        step_sumsq,
+        step_blocks,
+        retention,
+        merged,
+    } = totals;
+    let m = plan.models.len();
+    let zero = if zero.is_empty() { vec![0; m] } else { zero };
+    let sumsq = if sumsq.is_empty() {
+        vec![0.0; m]
+    } else {
+        sumsq
+    };
+    let kept = if kept.is_empty() { vec![0; m] } else { kept };
 
     let step_rms = (step_blocks > 0).then(|| (step_sumsq / step_blocks as f64).sqrt());
     let mut warnings = Vec::new();

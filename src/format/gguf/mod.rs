@@ -21,6 +21,18 @@ pub use write::{GgufWriter, TensorSpec};
 use crate::format::error::{FormatError, Result};
 use crate::format::mmap::MappedFile;
 
+/// Whether `path` is a regular file that starts with the GGUF magic (how inputs of either
+/// format are told apart).
+pub fn is_gguf_file(path: &Path) -> bool {
+    use std::io::Read;
+    let mut magic = [0u8; 4];
+    path.is_file()
+        && std::fs::File::open(path)
+            .and_then(|mut f| f.read_exact(&mut magic))
+            .is_ok()
+        && &magic == read::MAGIC
+}
+
 /// Metadata keys of split models (llama.cpp's `gguf-split`).
 pub const KEY_SPLIT_NO: &str = "split.no";
 /// Number of shards.
