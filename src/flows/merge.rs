@@ -694,15 +694,54 @@ fn run_plan(
                 })
                 .collect();
             let mut writer = GgufWriter::create(&opts.output, 3, &plan.metadata, &specs, &inputs)?;
-            for (idx, t) in plan.tensors.iter().enumerate() {
-                progress.tensor(&t.name, idx, n);
-                produce_tensor(plan, idx, t.out_ty, &mut totals, &mut |bytes| {
-                    progress.advance(bytes.len() as u64);
-                    writer.write_part(bytes).map_err(Error::from)
-                })?;
-                writer.end_tensor()?;
+            // A writer thread takes finished slabs through a short queue, so the next slab (and
+            // the next tensor) is computed while the previous one is written.
+            enum Msg {
+                Part(Vec<u8>),
+                EndTensor,
             }
-            Ok(writer.finish()?)
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(4);
+            std::thread::scope(|scope| {
+                let writing = scope.spawn(move || -> Result<u64> {
+                    for msg in rx {
+                        match msg {
+                            Msg::Part(bytes) => writer.write_part(&bytes)?,
+                            Msg::EndTensor => writer.end_tensor()?,
+                        }
+                    }
+                    Ok(writer.finish()?)
+                });
+                let stopped = || Error::Invalid("the output writer stopped".into());
+                let computed = (|| -> Result<()> {
+                    for (idx, t) in plan.tensors.iter().enumerate() {
+                        progress.tensor(&t.name, idx, n);
+                        produce_tensor(plan, idx, t.out_ty, &mut totals, &mut |bytes| {
+                            progress.advance(bytes.len() as u64);
+                            tx.send(Msg::Part(bytes.to_vec())).map_err(|_| stopped())
+                        })?;
+                        tx.send(Msg::EndTensor).map_err(|_| stopped())?;
+                    }
+                    Ok(())
+                })();
+                drop(tx);
+                let written = writing
+                    .join()
+                    .unwrap_or_else(|_| Err(Error::Invalid("the output writer panicked".into())));
+                // A write error explains a stopped queue, so it wins. After a compute error the
+                // queue ends early and `finish` refuses the incomplete file (it is deleted).
+                match (computed, written) {
+                    (_, Err(e))
+                        if !matches!(
+                            e,
+                            Error::Format(crate::format::FormatError::Write { .. })
+                        ) =>
+                    {
+                        Err(e)
+                    }
+                    (Err(e), _) => Err(e),
+                    (Ok(()), w) => w,
+                }
+            })
         }
         OutputFormat::Safetensors {
             config,
