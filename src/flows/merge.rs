@@ -653,6 +653,7 @@ fn produce_tensor(
                 t: t.t,
                 seed: plan.seed,
                 out_ty,
+                chunk_elems: engine::DEFAULT_CHUNK_ELEMS,
             };
             let st =
                 engine::merge_tensor(&job, &mut |bytes| write(bytes)).map_err(|e| match e {

@@ -15,8 +15,8 @@ use crate::merge::mask::MaskKey;
 use crate::merge::select::{self, HighHistogram, LowHistogram, RankCut};
 use crate::quant::{codec, QuantError};
 
-/// Elements per chunk (rounded to whole rows).
-const CHUNK_ELEMS: usize = 64 * 1024;
+/// Elements per chunk (rounded to whole rows) unless a job says otherwise.
+pub const DEFAULT_CHUNK_ELEMS: usize = 64 * 1024;
 /// Output bytes per slab handed to the writer.
 const SLAB_BYTES: usize = 32 << 20;
 
@@ -105,6 +105,9 @@ pub struct TensorJob<'a> {
     pub seed: u64,
     /// Output type.
     pub out_ty: GgmlType,
+    /// Elements per chunk of parallel work ([`DEFAULT_CHUNK_ELEMS`]); the output does not
+    /// depend on it.
+    pub chunk_elems: usize,
 }
 
 /// What merging one tensor measured.
@@ -145,7 +148,7 @@ struct Chunk {
 
 impl TensorJob<'_> {
     fn rows_per_chunk(&self) -> usize {
-        (CHUNK_ELEMS / self.n_per_row.max(1)).max(1)
+        (self.chunk_elems / self.n_per_row.max(1)).max(1)
     }
 
     fn chunks(&self) -> Vec<Chunk> {
@@ -570,4 +573,225 @@ pub enum MergeTensorError {
     Engine(EngineError),
     /// Writing the output.
     Write(crate::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn f32_bytes(v: &[f32]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    fn run(job: &TensorJob<'_>) -> (Vec<f32>, TensorStats) {
+        let mut out = Vec::new();
+        let st = merge_tensor(job, &mut |b| {
+            out.extend_from_slice(b);
+            Ok(())
+        })
+        .map_err(|_| "merge failed")
+        .unwrap();
+        let v = out
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect();
+        (v, st)
+    }
+
+    fn job<'a>(
+        base: &'a [u8],
+        models: &[&'a [u8]],
+        params: Vec<ModelParams>,
+        method: MethodSpec,
+        n_per_row: usize,
+    ) -> TensorJob<'a> {
+        TensorJob {
+            name: "blk.0.ffn_up.weight",
+            n_per_row,
+            n_rows: base.len() / 4 / n_per_row,
+            base: Some(InputTensor {
+                data: base,
+                ty: GgmlType::F32,
+            }),
+            models: models
+                .iter()
+                .map(|d| InputTensor {
+                    data: d,
+                    ty: GgmlType::F32,
+                })
+                .collect(),
+            params,
+            method,
+            lambda: 1.0,
+            t: 0.5,
+            seed: 1,
+            out_ty: GgmlType::F32,
+            chunk_elems: DEFAULT_CHUNK_ELEMS,
+        }
+    }
+
+    fn p(weight: f32, density: f64, stream: u32) -> ModelParams {
+        ModelParams {
+            weight,
+            density,
+            gamma: 0.0,
+            epsilon: 0.0,
+            stream,
+        }
+    }
+
+    const TIES: MethodSpec = MethodSpec {
+        kind: Kind::TaskVector,
+        sparsifier: Sparsifier::Magnitude,
+        consensus: true,
+        normalize: true,
+        rescale: RescaleMode::None,
+    };
+
+    #[test]
+    fn ties_by_hand() {
+        // Base 0; model A δ = [3, -1, 2, -4], model B δ = [-2, 1, 1, -1], density 0.5:
+        // A keeps 3 and -4, B keeps -2 and 1 (|1| ties with |-1| and |1|: first by index wins).
+        // Election: e0: 3 - 2 = 1 > 0 → +, keep 3 (div 1) → 3. e1: B +1 → 1. e2: 0. e3: -4 → -4.
+        let base = f32_bytes(&[0.0; 4]);
+        let a = f32_bytes(&[3.0, -1.0, 2.0, -4.0]);
+        let b = f32_bytes(&[-2.0, 1.0, 1.0, -1.0]);
+        let (out, st) = run(&job(
+            &base,
+            &[&a, &b],
+            vec![p(1.0, 0.5, 0), p(1.0, 0.5, 1)],
+            TIES,
+            4,
+        ));
+        assert_eq!(out, [3.0, 1.0, 0.0, -4.0]);
+        assert_eq!(st.kept, [2, 2]);
+    }
+
+    #[test]
+    fn density_one_dare_equals_task_arithmetic_and_tiny_density_drops_almost_all() {
+        let n = 4096;
+        let base_v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let d_v: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos() * 0.01).collect();
+        let base = f32_bytes(&base_v);
+        let m: Vec<u8> = f32_bytes(
+            &base_v
+                .iter()
+                .zip(&d_v)
+                .map(|(b, d)| b + d)
+                .collect::<Vec<_>>(),
+        );
+        let dare = MethodSpec {
+            kind: Kind::TaskVector,
+            sparsifier: Sparsifier::Random,
+            consensus: false,
+            normalize: false,
+            rescale: RescaleMode::Inverse,
+        };
+        let ta = MethodSpec {
+            sparsifier: Sparsifier::None,
+            ..dare
+        };
+        let (x, _) = run(&job(&base, &[&m], vec![p(0.5, 1.0, 0)], dare, 64));
+        let (y, _) = run(&job(&base, &[&m], vec![p(0.5, 1.0, 0)], ta, 64));
+        assert_eq!(x, y);
+        let (z, st) = run(&job(&base, &[&m], vec![p(0.5, 1e-6, 0)], dare, 64));
+        assert!(st.kept[0] <= 2, "{st:?}");
+        assert!(z.iter().all(|v| v.is_finite()));
+    }
+
+    #[test]
+    fn dare_preserves_the_mean_delta_after_rescale() {
+        // δ = 0.01 everywhere; after DARE at density 0.1 with ÷ density, the mean of the merged
+        // delta stays 0.01 within the binomial bound (5 σ).
+        let n = 1 << 20;
+        let base = f32_bytes(&vec![0.0; n]);
+        let m = f32_bytes(&vec![0.01; n]);
+        let dare = MethodSpec {
+            kind: Kind::TaskVector,
+            sparsifier: Sparsifier::Random,
+            consensus: false,
+            normalize: false,
+            rescale: RescaleMode::Inverse,
+        };
+        let (out, st) = run(&job(&base, &[&m], vec![p(1.0, 0.1, 0)], dare, 1024));
+        let mean = out.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
+        let sigma = 0.01 * ((0.9 / 0.1) / n as f64).sqrt();
+        assert!((mean - 0.01).abs() < 5.0 * sigma, "mean {mean}");
+        let kept = st.kept[0] as f64 / n as f64;
+        assert!(
+            (kept - 0.1).abs() < 5.0 * (0.1 * 0.9 / n as f64).sqrt(),
+            "kept {kept}"
+        );
+    }
+
+    #[test]
+    fn output_does_not_depend_on_chunk_size() {
+        let n_per_row = 96;
+        let rows = 300;
+        let base_v: Vec<f32> = (0..n_per_row * rows)
+            .map(|i| ((i * 7919) % 211) as f32 * 0.01 - 1.0)
+            .collect();
+        let base = f32_bytes(&base_v);
+        // Quantized-like deltas: few distinct magnitudes, so rank cuts fall inside ties.
+        let a = f32_bytes(
+            &base_v
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b + ((i % 7) as f32 - 3.0) * 0.01)
+                .collect::<Vec<_>>(),
+        );
+        let b = f32_bytes(
+            &base_v
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b + ((i % 5) as f32 - 2.0) * 0.01)
+                .collect::<Vec<_>>(),
+        );
+        for method in [
+            TIES,
+            MethodSpec {
+                sparsifier: Sparsifier::Outliers,
+                consensus: false,
+                normalize: false,
+                ..TIES
+            },
+            MethodSpec {
+                sparsifier: Sparsifier::Random,
+                rescale: RescaleMode::L1,
+                ..TIES
+            },
+            MethodSpec {
+                sparsifier: Sparsifier::Della,
+                rescale: RescaleMode::Inverse,
+                ..TIES
+            },
+        ] {
+            let params = vec![
+                ModelParams {
+                    weight: 0.6,
+                    density: 0.3,
+                    gamma: 0.05,
+                    epsilon: 0.1,
+                    stream: 0,
+                },
+                ModelParams {
+                    weight: 0.4,
+                    density: 0.3,
+                    gamma: 0.05,
+                    epsilon: 0.1,
+                    stream: 1,
+                },
+            ];
+            let mut reference = None;
+            for chunk_elems in [n_per_row, 7 * n_per_row, DEFAULT_CHUNK_ELEMS] {
+                let mut j = job(&base, &[&a, &b], params.clone(), method, n_per_row);
+                j.chunk_elems = chunk_elems;
+                let (out, _) = run(&j);
+                match &reference {
+                    None => reference = Some(out),
+                    Some(r) => assert!(r == &out, "{method:?} chunk {chunk_elems}"),
+                }
+            }
+        }
+    }
 }
