@@ -143,13 +143,24 @@ fn every_method_merges_and_ties_family_is_thread_independent() {
         // must give the same bytes as 1.
         if matches!(method, Method::Ties | Method::Breadcrumbs | Method::Della) {
             merge_models(&cfg, &opts(&o2, 1), &NoProgress).unwrap();
-            assert!(std::fs::read(&o1).unwrap() == std::fs::read(&o2).unwrap(), "{}", method.name());
+            assert!(
+                std::fs::read(&o1).unwrap() == std::fs::read(&o2).unwrap(),
+                "{}",
+                method.name()
+            );
             std::fs::remove_file(&o2).unwrap();
         }
-        if matches!(method, Method::Ties | Method::Breadcrumbs | Method::BreadcrumbsTies) {
+        if matches!(
+            method,
+            Method::Ties | Method::Breadcrumbs | Method::BreadcrumbsTies
+        ) {
             // Exact top-k: 30% of every tensor's delta kept (ties resolved by index).
             for m in &r.models {
-                assert!((m.kept_share - 0.3).abs() < 0.002, "{} {m:?}", method.name());
+                assert!(
+                    (m.kept_share - 0.3).abs() < 0.002,
+                    "{} {m:?}",
+                    method.name()
+                );
             }
         }
         let logits = llama_logits(&o1);
