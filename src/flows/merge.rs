@@ -20,7 +20,8 @@ use crate::format::source::ModelSource;
 use crate::format::{nbytes, GgmlType};
 use crate::merge::config::{MergeConfig, Method, Rescale, TensorContext};
 use crate::merge::engine::{
-    self, InputTensor, Kind, MergeTensorError, MethodSpec, ModelParams, RescaleMode, TensorJob,
+    self, InputTensor, Kind, MergeTensorError, MethodSpec, ModelInput, ModelParams, RescaleMode,
+    TensorJob,
 };
 use crate::merge::kernel::Sparsifier;
 use crate::quant::{plan_types, ModelFacts, PlanInput, Target, FTYPES};
@@ -642,9 +643,11 @@ fn produce_tensor(
                 }),
                 models: model_tensors
                     .iter()
-                    .map(|x| InputTensor {
-                        data: &x.data,
-                        ty: x.ty,
+                    .map(|x| {
+                        ModelInput::Dense(InputTensor {
+                            data: &x.data,
+                            ty: x.ty,
+                        })
                     })
                     .collect(),
                 params: t.params.clone(),
@@ -654,6 +657,7 @@ fn produce_tensor(
                 seed: plan.seed,
                 out_ty,
                 chunk_elems: engine::DEFAULT_CHUNK_ELEMS,
+                output: engine::JobOutput::Merged,
             };
             let st =
                 engine::merge_tensor(&job, &mut |bytes| write(bytes)).map_err(|e| match e {

@@ -11,7 +11,7 @@ use rayon::prelude::*;
 
 use crate::format::GgmlType;
 use crate::merge::kernel::{self, Combine, ModelSparsity, ScaleRule, Sparsifier};
-use crate::merge::mask::MaskKey;
+use crate::merge::mask::{self, MaskKey};
 use crate::merge::select::{self, HighHistogram, LowHistogram, RankCut};
 use crate::quant::{codec, QuantError};
 
@@ -66,6 +66,51 @@ pub struct InputTensor<'a> {
     pub ty: GgmlType,
 }
 
+/// A model's tensor as the engine reads it: full values, or a sparse delta from a delta pack.
+#[derive(Clone, Copy)]
+pub enum ModelInput<'a> {
+    /// The fine-tune's values (the delta is computed against the base).
+    Dense(InputTensor<'a>),
+    /// Kept delta values only, already sparsified and rescaled (a delta pack's `NAME.dv`).
+    Sparse(SparseDelta<'a>),
+}
+
+/// A sparse delta: its kept values in element order and where they go.
+#[derive(Clone, Copy)]
+pub struct SparseDelta<'a> {
+    /// Kept values, compacted (F32, F16, BF16 or Q8_0; Q8_0 padded to whole blocks).
+    pub values: &'a [u8],
+    /// Their type.
+    pub values_ty: GgmlType,
+    /// Which elements were kept.
+    pub mask: SparseMask<'a>,
+}
+
+/// Which elements of a sparse delta were kept.
+#[derive(Clone, Copy)]
+pub enum SparseMask<'a> {
+    /// Regenerated from the Philox mask (DARE): kept iff draw < ⌊density·2³²⌋.
+    Philox {
+        /// The pack's mask key (seed, stream, tensor name).
+        key: MaskKey,
+        /// Keep probability.
+        density: f64,
+    },
+    /// Explicit ascending element indices (u32 little-endian).
+    Indices(&'a [u8]),
+    /// Every element (density 1).
+    All,
+}
+
+/// What the main pass produces.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobOutput {
+    /// The merged tensor in `out_ty`.
+    Merged,
+    /// Model 0's sparsified, rescaled delta as F32 (what delta-pack extraction stores).
+    SparseDelta,
+}
+
 /// Per-model parameters for this tensor.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ModelParams {
@@ -92,7 +137,7 @@ pub struct TensorJob<'a> {
     /// Base tensor (`None` for linear merges).
     pub base: Option<InputTensor<'a>>,
     /// Model tensors, in input order.
-    pub models: Vec<InputTensor<'a>>,
+    pub models: Vec<ModelInput<'a>>,
     /// Their parameters.
     pub params: Vec<ModelParams>,
     /// The method.
@@ -108,6 +153,8 @@ pub struct TensorJob<'a> {
     /// Elements per chunk of parallel work ([`DEFAULT_CHUNK_ELEMS`]); the output does not
     /// depend on it.
     pub chunk_elems: usize,
+    /// Merged output (normal) or model 0's sparse delta (delta-pack extraction).
+    pub output: JobOutput,
 }
 
 /// What merging one tensor measured.
@@ -186,10 +233,12 @@ impl TensorJob<'_> {
     }
 
     /// Dequantizes the base and the models for chunk `c` and turns model values into deltas
-    /// (for linear merges, with no base, the "deltas" are the values themselves).
+    /// (for linear merges, with no base, the "deltas" are the values themselves). Sparse inputs
+    /// are expanded: their kept values from `offsets` on, zeros elsewhere.
     fn load(
         &self,
         c: &Chunk,
+        offsets: &[Vec<u64>],
         base: &mut Vec<f32>,
         deltas: &mut [Vec<f32>],
     ) -> Result<(), EngineError> {
@@ -201,14 +250,118 @@ impl TensorJob<'_> {
         }
         for (i, (m, d)) in self.models.iter().zip(deltas.iter_mut()).enumerate() {
             d.resize(n, 0.0);
-            self.dequant_rows(m, c, d, Some(i))?;
-            if !base.is_empty() {
-                for (x, b) in d.iter_mut().zip(base.iter()) {
-                    *x -= b;
+            match m {
+                ModelInput::Dense(t) => {
+                    self.dequant_rows(t, c, d, Some(i))?;
+                    if !base.is_empty() {
+                        for (x, b) in d.iter_mut().zip(base.iter()) {
+                            *x -= b;
+                        }
+                    }
+                }
+                ModelInput::Sparse(sp) => {
+                    let start = (c.row0 * self.n_per_row) as u64;
+                    let first = offsets[i].get(c.index).copied().unwrap_or(0);
+                    self.expand_sparse(sp, start, first, d)
+                        .map_err(|source| EngineError {
+                            input: Some(i),
+                            source,
+                        })?;
                 }
             }
         }
         Ok(())
+    }
+
+    /// Writes the sparse delta's elements `start..start + out.len()` into `out`; `first` is the
+    /// index of the first kept value at or after `start`.
+    fn expand_sparse(
+        &self,
+        sp: &SparseDelta<'_>,
+        start: u64,
+        first: u64,
+        out: &mut [f32],
+    ) -> Result<(), QuantError> {
+        out.fill(0.0);
+        let len = out.len();
+        match sp.mask {
+            SparseMask::All => decode_values(sp, first, out, self.name),
+            SparseMask::Philox { key, density } => {
+                let mut keep = vec![false; len];
+                let k = mask::keep_mask(&key, density, start, &mut keep) as usize;
+                let mut vals = vec![0f32; k];
+                decode_values(sp, first, &mut vals, self.name)?;
+                let mut it = vals.into_iter();
+                for (o, _) in out.iter_mut().zip(&keep).filter(|(_, &kp)| kp) {
+                    *o = it.next().unwrap_or(0.0);
+                }
+                Ok(())
+            }
+            SparseMask::Indices(idx) => {
+                let count = idx.len() / 4;
+                let mut j = first as usize;
+                let mut end = j;
+                while end < count && index_at(idx, end) < start + len as u64 {
+                    end += 1;
+                }
+                let mut vals = vec![0f32; end - j];
+                decode_values(sp, first, &mut vals, self.name)?;
+                for v in vals {
+                    let pos = index_at(idx, j);
+                    if pos < start {
+                        return Err(QuantError::SizeMismatch {
+                            tensor: self.name.into(),
+                            expected: start,
+                            found: pos,
+                        });
+                    }
+                    out[(pos - start) as usize] = v;
+                    j += 1;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Per sparse model, the index of the first kept value of each chunk (empty for dense).
+    fn sparse_offsets(&self, chunks: &[Chunk]) -> Vec<Vec<u64>> {
+        self.models
+            .iter()
+            .map(|m| match m {
+                ModelInput::Dense(_) => Vec::new(),
+                ModelInput::Sparse(sp) => {
+                    let counts: Vec<u64> = chunks
+                        .par_iter()
+                        .map(|c| {
+                            let start = (c.row0 * self.n_per_row) as u64;
+                            let len = (c.rows * self.n_per_row) as u64;
+                            match sp.mask {
+                                SparseMask::All => len,
+                                SparseMask::Philox { key, density } => {
+                                    let mut keep = vec![false; len as usize];
+                                    mask::keep_mask(&key, density, start, &mut keep)
+                                }
+                                SparseMask::Indices(idx) => {
+                                    let n = idx.len() / 4;
+                                    let lo = partition(n, |j| index_at(idx, j) < start);
+                                    let hi = partition(n, |j| index_at(idx, j) < start + len);
+                                    (hi - lo) as u64
+                                }
+                            }
+                        })
+                        .collect();
+                    let mut acc = 0;
+                    counts
+                        .into_iter()
+                        .map(|k| {
+                            let before = acc;
+                            acc += k;
+                            before
+                        })
+                        .collect()
+                }
+            })
+            .collect()
     }
 
     /// Runs `f` on every chunk (in parallel) with the chunk's base and deltas; results in chunk
@@ -216,6 +369,7 @@ impl TensorJob<'_> {
     fn for_chunks<R: Send>(
         &self,
         chunks: &[Chunk],
+        offsets: &[Vec<u64>],
         f: impl Fn(&Chunk, &[f32], &mut [Vec<f32>]) -> R + Sync,
     ) -> Result<Vec<R>, EngineError> {
         chunks
@@ -223,7 +377,7 @@ impl TensorJob<'_> {
             .map_init(
                 || (Vec::new(), vec![Vec::new(); self.models.len()]),
                 |(base, deltas), c| {
-                    self.load(c, base, deltas)?;
+                    self.load(c, offsets, base, deltas)?;
                     Ok(f(c, base, deltas))
                 },
             )
@@ -254,12 +408,13 @@ fn rank_window(kind: Sparsifier, p: &ModelParams, n: u64) -> Option<(u64, u64)> 
 fn rank_cuts(
     job: &TensorJob<'_>,
     chunks: &[Chunk],
+    offsets: &[Vec<u64>],
     i: usize,
     ranks: &[u64],
     n: u64,
 ) -> Result<Vec<RankCut>, EngineError> {
     let high = job
-        .for_chunks(chunks, |_, _, d| {
+        .for_chunks(chunks, offsets, |_, _, d| {
             let mut h = HighHistogram::default();
             h.add(&d[i]);
             h
@@ -281,7 +436,7 @@ fn rank_cuts(
         }
         let (bucket, above) = select::locate_high(&high, r);
         let low = job
-            .for_chunks(chunks, |_, _, d| {
+            .for_chunks(chunks, offsets, |_, _, d| {
                 let mut l = LowHistogram::new(bucket);
                 l.add(&d[i]);
                 l
@@ -302,6 +457,7 @@ pub fn merge_tensor(
     write: &mut dyn FnMut(&[u8]) -> Result<(), crate::Error>,
 ) -> Result<TensorStats, MergeTensorError> {
     let chunks = job.chunks();
+    let offsets = job.sparse_offsets(&chunks);
     let n = (job.n_per_row * job.n_rows) as u64;
     let m = job.models.len();
     let spec = job.method;
@@ -330,7 +486,7 @@ pub fn merge_tensor(
         .collect();
     // A model whose density is 1 is never sparsified.
     let sparsifier_of = |i: usize| {
-        if job.params[i].density >= 1.0 {
+        if job.params[i].density >= 1.0 || matches!(job.models[i], ModelInput::Sparse(_)) {
             Sparsifier::None
         } else {
             spec.sparsifier
@@ -344,16 +500,16 @@ pub fn merge_tensor(
         Sparsifier::Magnitude | Sparsifier::Outliers
     ) {
         for i in 0..m {
-            let Some((from, until)) = rank_window(spec.sparsifier, &job.params[i], n) else {
+            let Some((from, until)) = rank_window(sparsifier_of(i), &job.params[i], n) else {
                 continue;
             };
-            let cuts =
-                rank_cuts(job, &chunks, i, &[from, until], n).map_err(MergeTensorError::Engine)?;
+            let cuts = rank_cuts(job, &chunks, &offsets, i, &[from, until], n)
+                .map_err(MergeTensorError::Engine)?;
             sparsity[i].keep_from = cuts[0];
             sparsity[i].keep_until = cuts[1];
             let (vf, vu) = (cuts[0].value_bits, cuts[1].value_bits);
             let counts = job
-                .for_chunks(&chunks, |_, _, d| {
+                .for_chunks(&chunks, &offsets, |_, _, d| {
                     let mut e = (0u64, 0u64);
                     for v in &d[i] {
                         let b = v.abs().to_bits();
@@ -391,7 +547,7 @@ pub fn merge_tensor(
     // L1 rescale: factor = ‖δ‖₁ / ‖sparsified δ‖₁ per model and tensor.
     if spec.rescale == RescaleMode::L1 && spec.sparsifier != Sparsifier::None {
         let sums = job
-            .for_chunks(&chunks, |c, _, d| {
+            .for_chunks(&chunks, &offsets, |c, _, d| {
                 (0..m)
                     .map(|i| {
                         let before: f64 = d[i].iter().map(|v| f64::from(v.abs())).sum();
@@ -426,7 +582,7 @@ pub fn merge_tensor(
     let mut slerp = (1.0f32, 0.0f32);
     if spec.kind == Kind::Slerp {
         let parts = job
-            .for_chunks(&chunks, |_, base, d| {
+            .for_chunks(&chunks, &offsets, |_, base, d| {
                 let (mut dot, mut n0, mut n1) = (0f64, 0f64, 0f64);
                 for (b, dv) in base.iter().zip(&d[0]) {
                     let x = f64::from(b + dv);
@@ -450,7 +606,11 @@ pub fn merge_tensor(
         lambda: job.lambda,
     };
     let weights: Vec<f32> = job.params.iter().map(|p| p.weight).collect();
-    let out_row = job.out_ty.row_bytes(job.n_per_row as u64).unwrap_or(0) as usize;
+    let out_ty = match job.output {
+        JobOutput::Merged => job.out_ty,
+        JobOutput::SparseDelta => GgmlType::F32,
+    };
+    let out_row = out_ty.row_bytes(job.n_per_row as u64).unwrap_or(0) as usize;
     let base_ty = job.base.map(|b| b.ty);
     let step_block = base_ty
         .filter(|t| t.is_quantized())
@@ -471,6 +631,7 @@ pub fn merge_tensor(
         let results = job
             .for_chunks(
                 slab,
+                &offsets,
                 |c, base, d| -> Result<(Vec<u8>, TensorStats), QuantError> {
                     let len = c.rows * job.n_per_row;
                     let start = (c.row0 * job.n_per_row) as u64;
@@ -505,6 +666,10 @@ pub fn merge_tensor(
                             let s = sparsity_at(&sparsity, &equal_prefix, i, c);
                             kernel::sparsify(sparsifier_of(i), &s, start, job.n_per_row, &mut d[i]);
                             st.kept[i] = d[i].iter().filter(|v| **v != 0.0).count() as u64;
+                        }
+                        if job.output == JobOutput::SparseDelta {
+                            let bytes = d[0].iter().flat_map(|v| v.to_le_bytes()).collect();
+                            return Ok((bytes, st));
                         }
                         kernel::combine(combine, base, d, &weights, &mut out);
                     }
@@ -615,9 +780,11 @@ mod tests {
             }),
             models: models
                 .iter()
-                .map(|d| InputTensor {
-                    data: d,
-                    ty: GgmlType::F32,
+                .map(|d| {
+                    ModelInput::Dense(InputTensor {
+                        data: d,
+                        ty: GgmlType::F32,
+                    })
                 })
                 .collect(),
             params,
@@ -627,6 +794,7 @@ mod tests {
             seed: 1,
             out_ty: GgmlType::F32,
             chunk_elems: DEFAULT_CHUNK_ELEMS,
+            output: JobOutput::Merged,
         }
     }
 
@@ -794,4 +962,62 @@ mod tests {
             }
         }
     }
+}
+
+/// Element index `j` of a little-endian u32 index array.
+fn index_at(idx: &[u8], j: usize) -> u64 {
+    u64::from(u32::from_le_bytes([
+        idx[4 * j],
+        idx[4 * j + 1],
+        idx[4 * j + 2],
+        idx[4 * j + 3],
+    ]))
+}
+
+/// First `j` in `0..n` where `pred(j)` is false (`pred` must be true, then false).
+fn partition(n: usize, pred: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if pred(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// Decodes `out.len()` compacted values of a sparse delta starting at value index `first`.
+fn decode_values(
+    sp: &SparseDelta<'_>,
+    first: u64,
+    out: &mut [f32],
+    name: &str,
+) -> Result<(), QuantError> {
+    let ty = sp.values_ty;
+    let blk = ty.block_size();
+    let b0 = first / blk;
+    let b1 = (first + out.len() as u64).div_ceil(blk);
+    let (s, e) = (
+        (b0 * ty.type_size()) as usize,
+        (b1 * ty.type_size()) as usize,
+    );
+    let bytes = sp
+        .values
+        .get(s..e)
+        .ok_or_else(|| QuantError::SizeMismatch {
+            tensor: name.into(),
+            expected: e as u64,
+            found: sp.values.len() as u64,
+        })?;
+    if blk == 1 {
+        codec::dequantize_into(ty, bytes, out);
+    } else {
+        let mut tmp = vec![0f32; ((b1 - b0) * blk) as usize];
+        codec::dequantize_into(ty, bytes, &mut tmp);
+        let off = (first - b0 * blk) as usize;
+        out.copy_from_slice(&tmp[off..off + out.len()]);
+    }
+    Ok(())
 }
