@@ -151,7 +151,140 @@ pub struct Combine {
 
 /// Combines the (already sparsified) deltas of one chunk into `out` = base + λ·mixed.
 /// `base` may be empty (linear merges have no base: the result is the weighted sum itself).
+///
+/// Per element j, with `xᵢ = wᵢ·δᵢ[j]` and sums taken in model order starting from +0:
+/// without consensus, mixed = Σ xᵢ (÷ Σ wᵢ when normalizing, unless |Σ wᵢ| < 1e-8); with
+/// consensus, the majority sign is that of Σ xᵢ (ties positive), only non-zero xᵢ of that sign
+/// are summed, and the divisor is the sum of their weights (1 when none agree).
+///
+/// This is the vectorized version, with the instruction set chosen at run time; its result is
+/// bit-identical to [`combine_scalar`], the plain reference, for every input (NaN payloads
+/// aside): each element sees the same IEEE operations in the same order, only several elements
+/// at once. Every delta and a non-empty `base` must be at least `out.len()` long.
 pub fn combine(c: Combine, base: &[f32], deltas: &[Vec<f32>], weights: &[f32], out: &mut [f32]) {
+    combine_blocks(c, base, deltas, weights, out);
+}
+
+/// Elements per block of [`combine`]: its per-element accumulators for one block live on the
+/// stack (3 × 2 KiB), and each model's slice of the block is read while it is still in L1.
+const BLOCK: usize = 512;
+
+/// The body of [`combine`]: per block of [`BLOCK`] elements, one pass per model over contiguous
+/// slices (model order, as the scalar loop), then one pass for the divisor and base. Written so
+/// that each pass is a straight element-wise loop the compiler vectorizes; no `mul_add`, and
+/// Rust never contracts `a * b + c` into an FMA, so the `fma` targets change nothing numerically.
+/// A disagreeing term is added as +0, which leaves every accumulator as it was (see below).
+#[multiversion::multiversion(targets(
+    "x86_64+avx512f+avx512vl+avx2+fma",
+    "x86_64+avx2+fma",
+    "x86_64+sse4.1",
+    "aarch64+neon"
+))]
+fn combine_blocks(c: Combine, base: &[f32], deltas: &[Vec<f32>], weights: &[f32], out: &mut [f32]) {
+    // The scalar loop zips deltas with weights: extra entries of either are ignored.
+    let m = deltas.len().min(weights.len());
+    let (deltas, weights) = (&deltas[..m], &weights[..m]);
+    // Without consensus the divisor does not depend on the element: Σ wᵢ from +0, in order.
+    let mut wsum = 0f32;
+    for &w in weights {
+        wsum += w;
+    }
+    if wsum.abs() < 1e-8 {
+        wsum = 1.0;
+    }
+    let mut s_buf = [0f32; BLOCK];
+    let mut sum_buf = [0f32; BLOCK];
+    let mut div_buf = [0f32; BLOCK];
+    for (bi, o) in out.chunks_mut(BLOCK).enumerate() {
+        let off = bi * BLOCK;
+        let len = o.len();
+        let sum = &mut sum_buf[..len];
+        sum.fill(0.0);
+        let div: &[f32] = if c.consensus {
+            // Pass 1: s = Σ wᵢ·δᵢ, the sign vote.
+            let s = &mut s_buf[..len];
+            s.fill(0.0);
+            for (d, &w) in deltas.iter().zip(weights) {
+                for (a, &x) in s.iter_mut().zip(&d[off..off + len]) {
+                    *a += w * x;
+                }
+            }
+            // Pass 2: sum and weight of the non-zero terms agreeing with sign(s) (s ≥ 0: +).
+            let div = &mut div_buf[..len];
+            div.fill(0.0);
+            for (d, &w) in deltas.iter().zip(weights) {
+                let terms = sum.iter_mut().zip(div.iter_mut()).zip(s.iter());
+                for (((a, v), &sj), &x) in terms.zip(&d[off..off + len]) {
+                    let x = w * x;
+                    let agree = x != 0.0 && (x > 0.0) == (sj >= 0.0);
+                    // Adding +0 for a disagreeing term leaves the sum's bits unchanged: sums
+                    // start at +0 and a round-to-nearest sum is −0 only when both terms are,
+                    // so no accumulator is ever −0 (the one value that `+ 0` would change).
+                    // (A select of `*a + x` and `*a` compiles to a masked store, slow on AMD.)
+                    *a += if agree { x } else { 0.0 };
+                    *v += if agree { w } else { 0.0 };
+                }
+            }
+            // The guard (no agreeing weight: divide by 1) is applied in pass 3, as a value:
+            // a conditional store here compiles to a masked store, slow on AMD.
+            div
+        } else {
+            for (d, &w) in deltas.iter().zip(weights) {
+                for (a, &x) in sum.iter_mut().zip(&d[off..off + len]) {
+                    *a += w * x;
+                }
+            }
+            &[]
+        };
+        // Pass 3: out = b + λ·mixed, with b = 0 (added, as the scalar loop does) without base.
+        let lambda = c.lambda;
+        match (base.is_empty(), c.normalize, c.consensus) {
+            (true, false, _) => {
+                for (o, &a) in o.iter_mut().zip(sum.iter()) {
+                    *o = 0.0 + lambda * a;
+                }
+            }
+            (false, false, _) => {
+                for ((o, &a), &b) in o.iter_mut().zip(sum.iter()).zip(&base[off..off + len]) {
+                    *o = b + lambda * a;
+                }
+            }
+            (true, true, false) => {
+                for (o, &a) in o.iter_mut().zip(sum.iter()) {
+                    *o = 0.0 + lambda * (a / wsum);
+                }
+            }
+            (false, true, false) => {
+                for ((o, &a), &b) in o.iter_mut().zip(sum.iter()).zip(&base[off..off + len]) {
+                    *o = b + lambda * (a / wsum);
+                }
+            }
+            (true, true, true) => {
+                for ((o, &a), &v) in o.iter_mut().zip(sum.iter()).zip(div) {
+                    let v = if v == 0.0 { 1.0 } else { v };
+                    *o = 0.0 + lambda * (a / v);
+                }
+            }
+            (false, true, true) => {
+                let terms = o.iter_mut().zip(sum.iter()).zip(div);
+                for (((o, &a), &v), &b) in terms.zip(&base[off..off + len]) {
+                    let v = if v == 0.0 { 1.0 } else { v };
+                    *o = b + lambda * (a / v);
+                }
+            }
+        }
+    }
+}
+
+/// The reference for [`combine`]: one element at a time, exactly as specified there. Slow (the
+/// model loop is innermost), kept to test the fast version against.
+pub fn combine_scalar(
+    c: Combine,
+    base: &[f32],
+    deltas: &[Vec<f32>],
+    weights: &[f32],
+    out: &mut [f32],
+) {
     for j in 0..out.len() {
         let b = if base.is_empty() { 0.0 } else { base[j] };
         let mut sum = 0f32;
@@ -210,6 +343,7 @@ pub fn slerp_coefficients(t: f64, dot: f64, norm0_sq: f64, norm1_sq: f64) -> (f3
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn c(consensus: bool, normalize: bool) -> Combine {
         Combine {
@@ -251,6 +385,85 @@ mod tests {
         let mut out = [0.0; 2];
         combine(c(false, true), &[], &deltas, &[0.5, 0.5], &mut out);
         assert_eq!(out, [2.0, 4.0]);
+    }
+
+    /// Bit equality, except that any NaN equals any NaN (Rust leaves NaN payloads unspecified).
+    fn same_bits(a: &[f32], b: &[f32]) -> bool {
+        a.len() == b.len()
+            && a.iter()
+                .zip(b)
+                .all(|(x, y)| x.to_bits() == y.to_bits() || (x.is_nan() && y.is_nan()))
+    }
+
+    /// Values that make exact ties, zeros of both signs, overflow and ordinary noise likely.
+    fn value() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            3 => Just(0.0f32),
+            1 => Just(-0.0f32),
+            4 => (-8i32..=8).prop_map(|i| i as f32 * 0.25),
+            4 => -2.0f32..2.0,
+            1 => prop_oneof![Just(3e38f32), Just(-3e38f32), Just(1e-40f32), Just(-1e-40f32)],
+        ]
+    }
+
+    fn weight() -> impl Strategy<Value = f32> {
+        prop_oneof![
+            3 => (-4i32..=4).prop_map(|i| i as f32 * 0.5),
+            3 => -1.5f32..1.5,
+            1 => Just(-0.0f32),
+            1 => Just(1e-9f32),
+        ]
+    }
+
+    type Case = (Vec<Vec<f32>>, Vec<f32>, Vec<f32>, bool, bool, f32);
+
+    fn case() -> impl Strategy<Value = Case> {
+        (1usize..=5, 0usize..=1000).prop_flat_map(|(m, n)| {
+            (
+                proptest::collection::vec(proptest::collection::vec(value(), n), m),
+                proptest::collection::vec(weight(), m),
+                prop_oneof![Just(Vec::new()), proptest::collection::vec(value(), n)],
+                any::<bool>(),
+                any::<bool>(),
+                prop_oneof![Just(1.0f32), -2.0f32..2.0],
+            )
+        })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+        #[test]
+        fn fast_combine_is_bit_identical_to_scalar(
+            (deltas, weights, base, consensus, normalize, lambda) in case()
+        ) {
+            let n = deltas[0].len();
+            let c = Combine { consensus, normalize, lambda };
+            let mut fast = vec![f32::NAN; n];
+            let mut slow = vec![f32::NAN; n];
+            combine(c, &base, &deltas, &weights, &mut fast);
+            combine_scalar(c, &base, &deltas, &weights, &mut slow);
+            prop_assert!(same_bits(&fast, &slow), "{c:?}\nfast {fast:?}\nslow {slow:?}");
+        }
+    }
+
+    #[test]
+    fn fast_combine_handles_signed_zeros_like_scalar() {
+        // A zero-weight or zero-delta vote, empty base, λ = −1: results of ±0 must keep their
+        // sign exactly as the reference computes it.
+        let deltas = vec![vec![0.0, -0.0, 1.0, -1.0], vec![-0.0, 0.0, -1.0, 1.0]];
+        for (consensus, normalize) in [(false, false), (false, true), (true, false), (true, true)] {
+            for w in [[1.0, 1.0], [-0.0, 0.0], [1.0, -1.0]] {
+                let c = Combine {
+                    consensus,
+                    normalize,
+                    lambda: -1.0,
+                };
+                let (mut fast, mut slow) = ([9.0; 4], [9.0; 4]);
+                combine(c, &[], &deltas, &w, &mut fast);
+                combine_scalar(c, &[], &deltas, &w, &mut slow);
+                assert!(same_bits(&fast, &slow), "{c:?} {w:?}: {fast:?} vs {slow:?}");
+            }
+        }
     }
 
     #[test]
