@@ -7,6 +7,7 @@
 //!   table of ggml types.
 //! - [`merge`] — merge configs (mergekit YAML, TOML), the Philox mask RNG, and the streaming
 //!   per-tensor merge engine.
+//! - [`delta`] — sparse delta packs (`.dpk.gguf`): format, reader, base fingerprint.
 //! - [`quant`] — dequantize/quantize through ggml (bit-exact), llama.cpp's mixtures (`Q4_K_M`…).
 //! - [`flows`] — the user-facing operations — [`inspect`], [`quantize_model`] — that the `ggmerge`
 //!   binary wraps.
@@ -23,6 +24,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod delta;
 pub mod error;
 pub mod flows;
 pub mod format;

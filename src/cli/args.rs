@@ -62,6 +62,90 @@ pub enum Command {
     ///   ggmerge convert SmolLM2-135M-Instruct.Q4_1.gguf smol-hf/ --type F32
     ///   ggmerge convert smol-hf/ smol.gguf --metadata-from SmolLM2-135M-Instruct.Q4_1.gguf
     Convert(ConvertArgs),
+    /// Extract a fine-tune as a sparse delta pack (.dpk.gguf) against its base: DARE keeps
+    /// each delta element with probability DENSITY and rescales survivors, and the mask is
+    /// regenerated from the seed, so a pack at density 0.1 with F16 values is ~0.2 byte per
+    /// parameter.
+    ///
+    /// To reproduce `ggmerge merge` exactly with `ggmerge apply`, extract with the merge's
+    /// --seed, --density, --values f32, and --stream set to the model's position (0, 1, …).
+    ///
+    /// Example: ggmerge extract --base base.gguf --finetuned math.gguf --density 0.1 -o math.dpk.gguf
+    Extract(ExtractArgs),
+    /// Merge delta packs into their base offline (the same engine as `merge`).
+    ///
+    /// Example: ggmerge apply --base base.gguf --expert math.dpk.gguf:0.6 --expert code.dpk.gguf:0.4
+    ///     --method dare_ties -o merged.gguf
+    Apply(ApplyArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct ExtractArgs {
+    /// The base the fine-tune was made from (GGUF).
+    #[arg(long)]
+    pub base: PathBuf,
+    /// The fine-tuned model (GGUF of any type, or safetensors).
+    #[arg(long)]
+    pub finetuned: PathBuf,
+    /// Output pack (.dpk.gguf).
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Kept fraction of the delta, in (0, 1].
+    #[arg(long, default_value_t = 0.1)]
+    pub density: f64,
+    /// Sparsifier: dare (random mask, no indices stored), magnitude (top-k), della.
+    #[arg(long, default_value = "dare")]
+    pub sparsify: String,
+    /// Value type: f16, bf16, q8_0, or f32 (exact; needed to reproduce `merge` bit for bit).
+    #[arg(long, default_value = "f16")]
+    pub values: String,
+    /// Mask seed.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Mask stream: the model's index among a merge's models, to reproduce that merge.
+    #[arg(long, default_value_t = 0)]
+    pub stream: u32,
+    /// Rescale of kept values: inverse (÷ density), l1, none.
+    #[arg(long, default_value = "inverse")]
+    pub rescale: String,
+    /// DELLA: half-width of the keep-probability range.
+    #[arg(long, default_value_t = 0.15)]
+    pub epsilon: f64,
+    /// Threads (default: all cores).
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// No progress bar or summary.
+    #[arg(short, long)]
+    pub quiet: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ApplyArgs {
+    /// The base the packs were extracted from (GGUF).
+    #[arg(long)]
+    pub base: PathBuf,
+    /// A pack and its weight, PATH:WEIGHT (weight 1 when omitted); repeat for each.
+    #[arg(long = "expert", required = true)]
+    pub experts: Vec<String>,
+    /// How the deltas are combined: task_arithmetic (sum), ties / dare_ties (sign election),
+    /// dare_linear.
+    #[arg(long, default_value = "task_arithmetic")]
+    pub method: String,
+    /// Scale of the combined delta.
+    #[arg(long)]
+    pub lambda: Option<f64>,
+    /// Output GGUF.
+    #[arg(short, long)]
+    pub output: PathBuf,
+    /// Output type (default: the base's types); a ggml type or a llama.cpp mixture.
+    #[arg(long = "type")]
+    pub ty: Option<String>,
+    /// Threads (default: all cores).
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// No progress bar.
+    #[arg(short, long)]
+    pub quiet: bool,
 }
 
 #[derive(Args, Debug)]

@@ -108,3 +108,85 @@ pub fn run(a: &MergeArgs, m: &ArgMatches) -> anyhow::Result<()> {
     print::merge_report(&report, Path::new(&a.output), config.method.name());
     Ok(())
 }
+
+/// `PATH:WEIGHT` → (PATH, WEIGHT); a suffix that is not a number is part of the path.
+pub fn parse_expert(s: &str) -> anyhow::Result<(String, f64)> {
+    if let Some((path, w)) = s.rsplit_once(':') {
+        if let Ok(w) = w.parse::<f64>() {
+            if !w.is_finite() {
+                bail!("weight of expert {path:?} is not a finite number");
+            }
+            return Ok((path.to_string(), w));
+        }
+        if w.chars().all(|c| c.is_ascii_digit() || ".-+eE".contains(c)) && !w.is_empty() {
+            bail!("weight {w:?} of expert {path:?} is not a number");
+        }
+    }
+    Ok((s.to_string(), 1.0))
+}
+
+pub fn apply(a: &super::args::ApplyArgs) -> anyhow::Result<()> {
+    let method = Method::from_name(&a.method)
+        .filter(|m| matches!(m, Method::TaskArithmetic | Method::Ties | Method::DareTies | Method::DareLinear))
+        .with_context(|| format!("apply combines packs with task_arithmetic, ties, dare_ties or dare_linear, not {:?}", a.method))?;
+    let mut config = MergeConfig::new(method, ConfigSource::Cli);
+    config.base_model = Some(a.base.display().to_string());
+    for e in &a.experts {
+        let (path, weight) = parse_expert(e)?;
+        let mut entry = ModelEntry::new(path);
+        entry.parameters.set("weight", ParamValue::Number(weight));
+        config.models.push(entry);
+    }
+    if let Some(l) = a.lambda {
+        config.parameters.set("lambda", ParamValue::Number(l));
+    }
+    let opts = MergeOptions {
+        output: a.output.clone(),
+        out_type: a.ty.clone(),
+        seed: None,
+        threads: a.threads,
+    };
+    let bar = bars::Bars::new(a.quiet);
+    let report = merge_models(&config, &opts, &bar)
+        .with_context(|| format!("applying packs to {}", a.base.display()))?;
+    print::merge_report(&report, Path::new(&a.output), config.method.name());
+    Ok(())
+}
+
+pub fn extract(a: &super::args::ExtractArgs) -> anyhow::Result<()> {
+    use ggmerge::flows::extract::{extract_delta, ExtractOptions, Sparsify};
+    let opts = ExtractOptions {
+        density: a.density,
+        sparsify: Sparsify::parse(&a.sparsify).with_context(|| {
+            format!(
+                "--sparsify must be dare, magnitude or della, not {:?}",
+                a.sparsify
+            )
+        })?,
+        values: ggmerge::format::GgmlType::from_name(&a.values).with_context(|| {
+            format!(
+                "--values must be f16, bf16, q8_0 or f32, not {:?}",
+                a.values
+            )
+        })?,
+        seed: a.seed,
+        stream: a.stream,
+        rescale: Rescale::from_name(&a.rescale).with_context(|| {
+            format!("--rescale must be inverse, l1 or none, not {:?}", a.rescale)
+        })?,
+        epsilon: a.epsilon,
+        threads: a.threads,
+    };
+    let bar = bars::Bars::new(a.quiet);
+    let r = extract_delta(&a.base, &a.finetuned, &a.output, &opts, &bar).with_context(|| {
+        format!(
+            "extracting {} against {}",
+            a.finetuned.display(),
+            a.base.display()
+        )
+    })?;
+    if !a.quiet {
+        print::extract_report(&r, &a.output);
+    }
+    Ok(())
+}

@@ -44,6 +44,8 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             let sub = matches.subcommand_matches("merge").unwrap_or(matches);
             merge::run(&a, sub)
         }
+        Command::Extract(a) => merge::extract(&a),
+        Command::Apply(a) => merge::apply(&a),
         Command::Convert(a) => {
             let out_type = match &a.ty {
                 Some(t) => Some(

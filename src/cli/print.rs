@@ -262,3 +262,39 @@ pub fn convert_report(r: &ggmerge::ConvertReport) {
         r.seconds
     );
 }
+
+pub fn extract_report(r: &ggmerge::flows::extract::ExtractReport, output: &Path) {
+    if let Some(snr) = r.signal_to_noise {
+        if snr < 2.0 {
+            eprintln!(
+                "warning: the fine-tune's delta (RMS {:.2e}) is not far above the base's quantization noise (ratio {snr:.2}): \
+                 much of the pack is rounding noise; extract from higher-precision (F16/Q8_0) models if you can",
+                r.delta_rms
+            );
+        }
+    }
+    println!("wrote {}", output.display());
+    println!("  tensors:    {} changed of {}", r.changed, r.tensors);
+    println!(
+        "  kept:       {} of {} delta values ({:.2}%)",
+        r.kept,
+        r.elements,
+        100.0 * r.kept as f64 / r.elements.max(1) as f64
+    );
+    println!(
+        "  size:       {} vs {} for the fine-tune ({:.1}%, {:.3} bytes/parameter)",
+        mib(r.pack_bytes),
+        mib(r.finetuned_bytes),
+        100.0 * r.pack_bytes as f64 / r.finetuned_bytes.max(1) as f64,
+        r.pack_bytes as f64 / r.elements.max(1) as f64
+    );
+    let snr = r
+        .signal_to_noise
+        .map_or("n/a".to_string(), |s| format!("{s:.1}"));
+    println!(
+        "  delta:      RMS {:.2e}, {:.1}% exactly zero, delta/noise {snr}",
+        r.delta_rms,
+        100.0 * r.zero_delta_share
+    );
+    println!("  time:       {:.2} s", r.seconds);
+}

@@ -9,6 +9,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use crate::delta::pack::{fingerprint, DeltaPack};
 use crate::error::{Error, Result};
 use crate::flows::progress::{with_threads, Progress};
 use crate::format::gguf::{is_gguf_file, GgufModel, GgufWriter, Metadata, TensorSpec, Value};
@@ -16,12 +17,12 @@ use crate::format::hf_names::{self, HfConfig};
 use crate::format::safetensors::{
     write_safetensors, ExportTensor, SafetensorsModel, SafetensorsOptions,
 };
-use crate::format::source::ModelSource;
+use crate::format::source::{ModelSource, SourceTensor};
 use crate::format::{nbytes, GgmlType};
 use crate::merge::config::{MergeConfig, Method, Rescale, TensorContext};
 use crate::merge::engine::{
     self, InputTensor, Kind, MergeTensorError, MethodSpec, ModelInput, ModelParams, RescaleMode,
-    TensorJob,
+    SparseDelta, SparseMask, TensorJob,
 };
 use crate::merge::kernel::Sparsifier;
 use crate::quant::{plan_types, ModelFacts, PlanInput, Target, FTYPES};
@@ -79,8 +80,8 @@ pub struct MergePlan {
     pub reference: Box<dyn ModelSource>,
     /// Output format, from the output path.
     pub format: OutputFormat,
-    /// Models in input order.
-    pub models: Vec<Box<dyn ModelSource>>,
+    /// Models (fine-tunes or delta packs) in input order.
+    pub models: Vec<MergeInput>,
     /// Method, resolved.
     pub method: MethodSpec,
     /// Method name (mergekit's).
@@ -95,6 +96,31 @@ pub struct MergePlan {
     pub output_bytes: u64,
     /// Estimated peak working memory in bytes (besides memory-mapped inputs).
     pub peak_memory: u64,
+}
+
+/// One merge input: a model (GGUF or safetensors), or a delta pack of one.
+pub enum MergeInput {
+    /// A fine-tuned model; its delta is computed against the base.
+    Model(Box<dyn ModelSource>),
+    /// A sparse delta pack extracted against this base.
+    Pack(DeltaPack),
+}
+
+impl MergeInput {
+    /// The input's path.
+    pub fn path(&self) -> &Path {
+        match self {
+            MergeInput::Model(m) => m.path(),
+            MergeInput::Pack(p) => p.path(),
+        }
+    }
+    /// Its architecture, if known.
+    pub fn architecture(&self) -> Option<&str> {
+        match self {
+            MergeInput::Model(m) => m.architecture(),
+            MergeInput::Pack(p) => p.architecture(),
+        }
+    }
 }
 
 /// The output file format.
@@ -251,6 +277,36 @@ fn safetensors_base(path: &Path, fallback: Option<&HfConfig>) -> Result<(HfConfi
     Ok((model.config().clone(), shard))
 }
 
+/// Model `i`'s parameters for one tensor, checked.
+fn model_params(
+    config: &MergeConfig,
+    i: usize,
+    ctx: &TensorContext<'_>,
+    name: &str,
+) -> Result<ModelParams> {
+    let weight = config.number(Some(i), "weight", ctx).unwrap_or(1.0);
+    let density = config.number(Some(i), "density", ctx).unwrap_or(1.0);
+    if !(density > 0.0 && density <= 1.0) {
+        return Err(Error::Invalid(format!(
+            "model {}: density {density} for tensor {name:?} is outside (0, 1]",
+            config.models[i].model
+        )));
+    }
+    if !weight.is_finite() {
+        return Err(Error::Invalid(format!(
+            "model {}: weight for tensor {name:?} is not a finite number",
+            config.models[i].model
+        )));
+    }
+    Ok(ModelParams {
+        weight: weight as f32,
+        density,
+        gamma: config.number(Some(i), "gamma", ctx).unwrap_or(0.01),
+        epsilon: config.number(Some(i), "epsilon", ctx).unwrap_or(0.15),
+        stream: i as u32,
+    })
+}
+
 /// Resolves a config into a plan without computing anything (`--dry-run` prints it).
 pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan> {
     config
@@ -281,11 +337,24 @@ pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan
     };
     let reference = open_model(&base_path, None)?;
     let fallback = reference.metadata().and_then(HfConfig::from_gguf_metadata);
-    let models: Vec<Box<dyn ModelSource>> = config
-        .models
-        .iter()
-        .map(|m| open_model(Path::new(&m.model), fallback.as_ref()))
-        .collect::<Result<_>>()?;
+    let mut base_fingerprint: Option<String> = None;
+    let mut models = Vec::with_capacity(config.models.len());
+    for m in &config.models {
+        let path = Path::new(&m.model);
+        if DeltaPack::is_pack(path) {
+            let pack = DeltaPack::open(path)?;
+            if base_fingerprint.is_none() {
+                base_fingerprint = Some(fingerprint(reference.as_ref())?);
+            }
+            pack.check_base(
+                reference.as_ref(),
+                base_fingerprint.as_deref().unwrap_or(""),
+            )?;
+            models.push(MergeInput::Pack(pack));
+        } else {
+            models.push(MergeInput::Model(open_model(path, fallback.as_ref())?));
+        }
+    }
     let to_gguf = opts
         .output
         .extension()
@@ -409,6 +478,25 @@ pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan
         let mut params = Vec::with_capacity(models.len());
         let mut all_same = true;
         for (i, m) in models.iter().enumerate() {
+            let m = match m {
+                MergeInput::Model(m) => m,
+                MergeInput::Pack(p) => {
+                    // A pack changes the tensors it lists; the rest are the base's.
+                    if let Some(t) = p.tensor(name) {
+                        let n: u64 = shape.iter().product();
+                        if t.kept > n {
+                            return Err(invalid(format!(
+                                "{}: tensor {name:?} has {} kept values but the base tensor has {n} elements",
+                                p.path().display(),
+                                t.kept
+                            )));
+                        }
+                        all_same = false;
+                    }
+                    params.push(model_params(config, i, &ctx, name)?);
+                    continue;
+                }
+            };
             let (m_shape, m_ty) = m.tensor_info(name).ok_or_else(|| {
                 invalid(format!(
                     "{}: has no tensor {:?} that the base {} has (architectures or tensor sets differ)",
@@ -442,27 +530,7 @@ pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan
                         .is_some_and(|mt| Some(mt.data.as_ref()) == base_bytes);
                 }
             }
-            let weight = config.number(Some(i), "weight", &ctx).unwrap_or(1.0);
-            let density = config.number(Some(i), "density", &ctx).unwrap_or(1.0);
-            if !(density > 0.0 && density <= 1.0) {
-                return Err(invalid(format!(
-                    "model {}: density {density} for tensor {:?} is outside (0, 1]",
-                    config.models[i].model, name
-                )));
-            }
-            if !weight.is_finite() {
-                return Err(invalid(format!(
-                    "model {}: weight for tensor {:?} is not a finite number",
-                    config.models[i].model, name
-                )));
-            }
-            params.push(ModelParams {
-                weight: weight as f32,
-                density,
-                gamma: config.number(Some(i), "gamma", &ctx).unwrap_or(0.01),
-                epsilon: config.number(Some(i), "epsilon", &ctx).unwrap_or(0.15),
-                stream: i as u32,
-            });
+            params.push(model_params(config, i, &ctx, name)?);
         }
         let normalize_identity = !linear_ref || method.normalize;
         let action = if all_same && normalize_identity {
@@ -619,19 +687,39 @@ fn produce_tensor(
             write(&out)
         }
         TensorAction::Merge => {
-            let model_tensors: Vec<_> = plan
+            let dense: Vec<Option<SourceTensor<'_>>> = plan
                 .models
                 .iter()
-                .map(|m| {
-                    m.tensor(&t.name)?.ok_or_else(|| {
+                .map(|m| match m {
+                    MergeInput::Model(m) => m.tensor(&t.name)?.map(Some).ok_or_else(|| {
                         Error::Invalid(format!(
                             "{}: tensor {:?} vanished",
                             m.path().display(),
                             t.name
                         ))
-                    })
+                    }),
+                    MergeInput::Pack(_) => Ok(None),
                 })
                 .collect::<Result<_>>()?;
+            let inputs: Vec<ModelInput<'_>> = plan
+                .models
+                .iter()
+                .zip(&dense)
+                .map(|(m, d)| match (m, d) {
+                    (_, Some(x)) => ModelInput::Dense(InputTensor {
+                        data: &x.data,
+                        ty: x.ty,
+                    }),
+                    (MergeInput::Pack(p), None) => {
+                        ModelInput::Sparse(p.sparse(&t.name).unwrap_or(SparseDelta {
+                            values: &[],
+                            values_ty: GgmlType::F32,
+                            mask: SparseMask::Indices(&[]),
+                        }))
+                    }
+                    (MergeInput::Model(_), None) => unreachable!("dense inputs were read above"),
+                })
+                .collect();
             let linear = plan.method.kind == Kind::Linear;
             let job = TensorJob {
                 name: &t.name,
@@ -641,15 +729,7 @@ fn produce_tensor(
                     data: &base.data,
                     ty: base.ty,
                 }),
-                models: model_tensors
-                    .iter()
-                    .map(|x| {
-                        ModelInput::Dense(InputTensor {
-                            data: &x.data,
-                            ty: x.ty,
-                        })
-                    })
-                    .collect(),
+                models: inputs,
                 params: t.params.clone(),
                 method: plan.method,
                 lambda: t.lambda,

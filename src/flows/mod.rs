@@ -3,10 +3,12 @@
 //! - [`inspect`](inspect::inspect): summarize a GGUF model.
 //! - [`quantize_model`](quantize::quantize_model): requantize a model to a type or mixture.
 //! - [`convert_model`](convert::convert_model): GGUF ↔ safetensors (HF names and transforms).
+//! - [`extract_delta`](extract::extract_delta): a fine-tune → a sparse delta pack.
 //! - [`merge_models`](merge::merge_models): merge fine-tunes into a base (DARE, TIES, …).
 //! - [`progress`] — the [`Progress`](progress::Progress) callback and thread-pool helper.
 
 pub mod convert;
+pub mod extract;
 pub mod inspect;
 pub mod merge;
 pub mod progress;

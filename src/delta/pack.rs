@@ -1,0 +1,332 @@
+//! The delta-pack format (DESIGN.md "Sparse delta packs") and its reader.
+//!
+//! A pack is a GGUF file with `general.type = "ggmerge.delta"`, the base's
+//! `general.architecture`, and:
+//!
+//! | key | type | meaning |
+//! |---|---|---|
+//! | `delta.base.fingerprint` | string | [`fingerprint`] of the base (hex) |
+//! | `delta.method` | string | `dare`, `magnitude` or `della` |
+//! | `delta.density` | f64 | keep fraction |
+//! | `delta.seed`, `delta.stream` | u64, u32 | mask key inputs (Philox masks) |
+//! | `delta.rescale` | string | `inverse`, `l1` or `none` (already applied to the values) |
+//! | `delta.mask` | string | `philox` (regenerated), `explicit` (`NAME.di` indices) or `dense` |
+//! | `delta.values` | string | type of the values: `F32`, `F16`, `BF16` or `Q8_0` |
+//! | `delta.kept` | u64 array | kept values per changed tensor, in tensor order |
+//!
+//! Per changed base tensor `NAME`: `NAME.dv` holds the kept, already-rescaled delta values in
+//! element order (Q8_0 padded with zeros to whole blocks); `NAME.di` (I32) their element
+//! indices for explicit masks. Tensors whose delta is all zero are absent.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+
+use crate::error::{Error, Result};
+use crate::format::gguf::{GgufModel, TensorRef, Value};
+use crate::format::source::ModelSource;
+use crate::format::GgmlType;
+use crate::merge::engine::{SparseDelta, SparseMask};
+use crate::merge::mask::MaskKey;
+
+/// `general.type` of a pack.
+pub const PACK_TYPE: &str = "ggmerge.delta";
+/// Suffix of a tensor's values.
+pub const VALUES_SUFFIX: &str = ".dv";
+/// Suffix of a tensor's explicit indices.
+pub const INDICES_SUFFIX: &str = ".di";
+
+/// How a pack's mask is stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MaskKind {
+    /// Regenerated from (seed, stream, tensor name, density) with Philox.
+    Philox,
+    /// Element indices stored as `NAME.di`.
+    Explicit,
+    /// Every element kept (density 1).
+    Dense,
+}
+
+impl MaskKind {
+    /// The `delta.mask` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            MaskKind::Philox => "philox",
+            MaskKind::Explicit => "explicit",
+            MaskKind::Dense => "dense",
+        }
+    }
+    fn parse(s: &str) -> Option<MaskKind> {
+        [MaskKind::Philox, MaskKind::Explicit, MaskKind::Dense]
+            .into_iter()
+            .find(|k| k.name() == s)
+    }
+}
+
+/// The fingerprint of a base model: xxh3 over every tensor's name, shape, type and data (per
+/// tensor, in parallel), combined in tensor order. Hex, 16 digits.
+pub fn fingerprint(model: &dyn ModelSource) -> Result<String> {
+    let names = model.tensor_names();
+    let hashes: Vec<u64> = names
+        .par_iter()
+        .map(|name| -> Result<u64> {
+            let t = model.tensor(name)?.ok_or_else(|| {
+                Error::Invalid(format!(
+                    "{}: tensor {name:?} vanished",
+                    model.path().display()
+                ))
+            })?;
+            let mut h = Xxh3::new();
+            h.update(name.as_bytes());
+            for d in &t.shape {
+                h.update(&d.to_le_bytes());
+            }
+            h.update(&t.ty.id().to_le_bytes());
+            h.update(&xxh3_64(&t.data).to_le_bytes());
+            Ok(h.digest())
+        })
+        .collect::<Result<_>>()?;
+    let mut all = Xxh3::new();
+    for h in hashes {
+        all.update(&h.to_le_bytes());
+    }
+    Ok(format!("{:016x}", all.digest()))
+}
+
+/// One changed tensor of a pack.
+#[derive(Clone, Copy)]
+pub struct PackTensor<'a> {
+    /// Kept values.
+    pub values: TensorRef<'a>,
+    /// Explicit indices, for explicit masks.
+    pub indices: Option<TensorRef<'a>>,
+    /// Number of kept values (without Q8_0 padding).
+    pub kept: u64,
+}
+
+/// An opened, validated delta pack.
+pub struct DeltaPack {
+    file: GgufModel,
+    /// Base fingerprint.
+    pub fingerprint: String,
+    /// `dare`, `magnitude` or `della`.
+    pub method: String,
+    /// Keep fraction.
+    pub density: f64,
+    /// Mask seed.
+    pub seed: u64,
+    /// Mask stream.
+    pub stream: u32,
+    /// Rescale already applied.
+    pub rescale: String,
+    /// Mask storage.
+    pub mask: MaskKind,
+    /// Value type.
+    pub values: GgmlType,
+    /// Changed base tensors, in pack order, with their kept counts.
+    pub tensors: Vec<(String, u64)>,
+}
+
+fn bad(path: &Path, reason: impl Into<String>) -> Error {
+    Error::Invalid(format!(
+        "{}: not a valid delta pack: {}",
+        path.display(),
+        reason.into()
+    ))
+}
+
+impl DeltaPack {
+    /// Whether `path` is a GGUF file whose `general.type` says it is a pack.
+    pub fn is_pack(path: &Path) -> bool {
+        crate::format::gguf::is_gguf_file(path)
+            && GgufModel::open(path)
+                .map(|m| {
+                    m.metadata().get("general.type").and_then(Value::as_str) == Some(PACK_TYPE)
+                })
+                .unwrap_or(false)
+    }
+
+    /// Opens and validates a pack.
+    pub fn open(path: impl AsRef<Path>) -> Result<DeltaPack> {
+        let path = path.as_ref();
+        let file = GgufModel::open(path)?;
+        let md = file.metadata();
+        let s = |k: &str| -> Result<String> {
+            md.get(k)
+                .and_then(Value::as_str)
+                .map(str::to_string)
+                .ok_or_else(|| bad(path, format!("missing string key {k}")))
+        };
+        if md.get("general.type").and_then(Value::as_str) != Some(PACK_TYPE) {
+            return Err(bad(
+                path,
+                format!("general.type is not {PACK_TYPE:?} (is this a model, not a pack?)"),
+            ));
+        }
+        let density = match md.get("delta.density") {
+            Some(Value::F64(d)) => *d,
+            Some(Value::F32(d)) => f64::from(*d),
+            _ => return Err(bad(path, "missing delta.density")),
+        };
+        if !(density > 0.0 && density <= 1.0) {
+            return Err(bad(
+                path,
+                format!("delta.density {density} is outside (0, 1]"),
+            ));
+        }
+        let mask =
+            MaskKind::parse(&s("delta.mask")?).ok_or_else(|| bad(path, "unknown delta.mask"))?;
+        let values = GgmlType::from_name(&s("delta.values")?)
+            .filter(|t| {
+                matches!(
+                    *t,
+                    GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0
+                )
+            })
+            .ok_or_else(|| bad(path, "delta.values must be F32, F16, BF16 or Q8_0"))?;
+        let kept: Vec<u64> = match md.get("delta.kept") {
+            Some(Value::Array(crate::format::gguf::Array::U64(v))) => v.clone(),
+            _ => return Err(bad(path, "missing delta.kept")),
+        };
+        let names: Vec<String> = file
+            .tensors()
+            .filter_map(|t| t.info.name.strip_suffix(VALUES_SUFFIX).map(str::to_string))
+            .collect();
+        if names.len() != kept.len() {
+            return Err(bad(
+                path,
+                format!(
+                    "{} value tensors but {} kept counts",
+                    names.len(),
+                    kept.len()
+                ),
+            ));
+        }
+        for (name, &k) in names.iter().zip(&kept) {
+            let v = file
+                .tensor_by_name(&format!("{name}{VALUES_SUFFIX}"))
+                .expect("listed");
+            if v.info.ty != values
+                || v.info.shape.len() != 1
+                || v.info.shape[0] < k
+                || v.info.shape[0] > k.div_ceil(32) * 32
+            {
+                return Err(bad(
+                    path,
+                    format!("tensor {name}{VALUES_SUFFIX} does not hold {k} {values} values"),
+                ));
+            }
+            match (
+                mask,
+                file.tensor_by_name(&format!("{name}{INDICES_SUFFIX}")),
+            ) {
+                (MaskKind::Explicit, Some(i))
+                    if i.info.ty == GgmlType::from_id(26).expect("I32") && i.info.shape == [k] =>
+                {
+                    // Indices must be ascending (the engine walks them in order).
+                    let ok = i
+                        .data
+                        .chunks_exact(4)
+                        .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                        .collect::<Vec<_>>()
+                        .windows(2)
+                        .all(|w| w[0] < w[1]);
+                    if !ok {
+                        return Err(bad(path, format!("indices of {name} are not ascending")));
+                    }
+                }
+                (MaskKind::Explicit, _) => {
+                    return Err(bad(
+                        path,
+                        format!("missing or malformed {name}{INDICES_SUFFIX}"),
+                    ))
+                }
+                (_, _) => {}
+            }
+        }
+        Ok(DeltaPack {
+            fingerprint: s("delta.base.fingerprint")?,
+            method: s("delta.method")?,
+            density,
+            seed: md
+                .get_u64("delta.seed")
+                .ok_or_else(|| bad(path, "missing delta.seed"))?,
+            stream: md
+                .get_u64("delta.stream")
+                .ok_or_else(|| bad(path, "missing delta.stream"))? as u32,
+            rescale: s("delta.rescale")?,
+            mask,
+            values,
+            tensors: names.into_iter().zip(kept).collect(),
+            file,
+        })
+    }
+
+    /// The pack's path.
+    pub fn path(&self) -> &Path {
+        self.file.path()
+    }
+
+    /// The pack as a GGUF model (for inspection).
+    pub fn gguf(&self) -> &GgufModel {
+        &self.file
+    }
+
+    /// Architecture of the base.
+    pub fn architecture(&self) -> Option<&str> {
+        self.file.metadata().architecture()
+    }
+
+    /// The changed tensor `name` of the base, if the pack has it.
+    pub fn tensor(&self, name: &str) -> Option<PackTensor<'_>> {
+        let kept = self.tensors.iter().find(|(n, _)| n == name)?.1;
+        Some(PackTensor {
+            values: self
+                .file
+                .tensor_by_name(&format!("{name}{VALUES_SUFFIX}"))?,
+            indices: self.file.tensor_by_name(&format!("{name}{INDICES_SUFFIX}")),
+            kept,
+        })
+    }
+
+    /// The engine's view of tensor `name` (`None` when the pack leaves it unchanged).
+    pub fn sparse(&self, name: &str) -> Option<SparseDelta<'_>> {
+        let t = self.tensor(name)?;
+        Some(SparseDelta {
+            values: t.values.data,
+            values_ty: self.values,
+            mask: match self.mask {
+                MaskKind::Dense => SparseMask::All,
+                MaskKind::Explicit => SparseMask::Indices(t.indices.map_or(&[][..], |i| i.data)),
+                MaskKind::Philox => SparseMask::Philox {
+                    key: MaskKey::new(self.seed, self.stream, name),
+                    density: self.density,
+                },
+            },
+        })
+    }
+
+    /// Refuses a base whose fingerprint differs.
+    pub fn check_base(&self, base: &dyn ModelSource, base_fingerprint: &str) -> Result<()> {
+        if base_fingerprint != self.fingerprint {
+            return Err(Error::Invalid(format!(
+                "{}: this delta pack was extracted against another base (fingerprint {}), not {} (fingerprint {base_fingerprint}); \
+                 apply it to the base it was made from",
+                self.path().display(),
+                self.fingerprint,
+                base.path().display()
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Default output name for a pack of `finetuned`: `NAME.dpk.gguf` next to the current dir.
+pub fn default_pack_path(finetuned: &Path) -> PathBuf {
+    let stem = finetuned
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "delta".into());
+    PathBuf::from(format!("{stem}.dpk.gguf"))
+}
