@@ -230,8 +230,7 @@ fn bad_inputs_are_clear_errors_without_output() {
     let out = dir.path().join("out.gguf");
     let check = |cfg: MergeConfig, needle: &str| {
         let err = merge_models(&cfg, &opts(&out, 2), &NoProgress)
-            .err()
-            .expect("must fail")
+            .expect_err("must fail")
             .to_string();
         assert!(err.contains(needle), "{needle:?} not in {err}");
         assert!(
@@ -285,8 +284,7 @@ fn bad_inputs_are_clear_errors_without_output() {
         &opts(&out, 2),
         &NoProgress,
     )
-    .err()
-    .expect("NaN must fail")
+    .expect_err("NaN must fail")
     .to_string();
     assert!(
         err.contains("nan.gguf")

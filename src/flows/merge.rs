@@ -131,7 +131,7 @@ pub enum OutputFormat {
     /// safetensors with HF names (`config` written next to it), sharded at `max_shard_bytes`.
     Safetensors {
         /// Architecture and head counts for names and transforms.
-        config: HfConfig,
+        config: Box<HfConfig>,
         /// Shard size, when the base is sharded.
         max_shard_bytes: Option<u64>,
     },
@@ -384,7 +384,7 @@ pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan
             None => safetensors_base(&base_path, fallback.as_ref())?,
         };
         OutputFormat::Safetensors {
-            config,
+            config: Box::new(config),
             max_shard_bytes,
         }
     };
@@ -542,7 +542,7 @@ pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan
         } else {
             TensorAction::Merge
         };
-        output_bytes += nbytes(&*shape, out_ty)
+        output_bytes += nbytes(shape, out_ty)
             .map_err(|e| invalid(format!("tensor {:?} as {out_ty}: {e}", name)))?;
         tensors.push(PlannedTensor {
             name: name.clone(),

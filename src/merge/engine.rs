@@ -651,10 +651,9 @@ pub fn merge_tensor(
                             st.step_blocks += 1;
                         }
                     }
-                    for i in 0..m {
-                        st.zero_deltas[i] = d[i].iter().filter(|v| **v == 0.0).count() as u64;
-                        st.delta_sumsq[i] =
-                            d[i].iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+                    for (i, di) in d.iter().enumerate() {
+                        st.zero_deltas[i] = di.iter().filter(|v| **v == 0.0).count() as u64;
+                        st.delta_sumsq[i] = di.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
                     }
                     let mut out = vec![0f32; len];
                     if spec.kind == Kind::Slerp {
@@ -662,10 +661,10 @@ pub fn merge_tensor(
                             *o = slerp.0 * b + slerp.1 * (b + dv);
                         }
                     } else {
-                        for i in 0..m {
+                        for (i, di) in d.iter_mut().enumerate() {
                             let s = sparsity_at(&sparsity, &equal_prefix, i, c);
-                            kernel::sparsify(sparsifier_of(i), &s, start, job.n_per_row, &mut d[i]);
-                            st.kept[i] = d[i].iter().filter(|v| **v != 0.0).count() as u64;
+                            kernel::sparsify(sparsifier_of(i), &s, start, job.n_per_row, di);
+                            st.kept[i] = di.iter().filter(|v| **v != 0.0).count() as u64;
                         }
                         if job.output == JobOutput::SparseDelta {
                             let bytes = d[0].iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -738,6 +737,64 @@ pub enum MergeTensorError {
     Engine(EngineError),
     /// Writing the output.
     Write(crate::Error),
+}
+
+/// Element index `j` of a little-endian u32 index array.
+fn index_at(idx: &[u8], j: usize) -> u64 {
+    u64::from(u32::from_le_bytes([
+        idx[4 * j],
+        idx[4 * j + 1],
+        idx[4 * j + 2],
+        idx[4 * j + 3],
+    ]))
+}
+
+/// First `j` in `0..n` where `pred(j)` is false (`pred` must be true, then false).
+fn partition(n: usize, pred: impl Fn(usize) -> bool) -> usize {
+    let (mut lo, mut hi) = (0, n);
+    while lo < hi {
+        let mid = (lo + hi) / 2;
+        if pred(mid) {
+            lo = mid + 1;
+        } else {
+            hi = mid;
+        }
+    }
+    lo
+}
+
+/// Decodes `out.len()` compacted values of a sparse delta starting at value index `first`.
+fn decode_values(
+    sp: &SparseDelta<'_>,
+    first: u64,
+    out: &mut [f32],
+    name: &str,
+) -> Result<(), QuantError> {
+    let ty = sp.values_ty;
+    let blk = ty.block_size();
+    let b0 = first / blk;
+    let b1 = (first + out.len() as u64).div_ceil(blk);
+    let (s, e) = (
+        (b0 * ty.type_size()) as usize,
+        (b1 * ty.type_size()) as usize,
+    );
+    let bytes = sp
+        .values
+        .get(s..e)
+        .ok_or_else(|| QuantError::SizeMismatch {
+            tensor: name.into(),
+            expected: e as u64,
+            found: sp.values.len() as u64,
+        })?;
+    if blk == 1 {
+        codec::dequantize_into(ty, bytes, out);
+    } else {
+        let mut tmp = vec![0f32; ((b1 - b0) * blk) as usize];
+        codec::dequantize_into(ty, bytes, &mut tmp);
+        let off = (first - b0 * blk) as usize;
+        out.copy_from_slice(&tmp[off..off + out.len()]);
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -962,62 +1019,4 @@ mod tests {
             }
         }
     }
-}
-
-/// Element index `j` of a little-endian u32 index array.
-fn index_at(idx: &[u8], j: usize) -> u64 {
-    u64::from(u32::from_le_bytes([
-        idx[4 * j],
-        idx[4 * j + 1],
-        idx[4 * j + 2],
-        idx[4 * j + 3],
-    ]))
-}
-
-/// First `j` in `0..n` where `pred(j)` is false (`pred` must be true, then false).
-fn partition(n: usize, pred: impl Fn(usize) -> bool) -> usize {
-    let (mut lo, mut hi) = (0, n);
-    while lo < hi {
-        let mid = (lo + hi) / 2;
-        if pred(mid) {
-            lo = mid + 1;
-        } else {
-            hi = mid;
-        }
-    }
-    lo
-}
-
-/// Decodes `out.len()` compacted values of a sparse delta starting at value index `first`.
-fn decode_values(
-    sp: &SparseDelta<'_>,
-    first: u64,
-    out: &mut [f32],
-    name: &str,
-) -> Result<(), QuantError> {
-    let ty = sp.values_ty;
-    let blk = ty.block_size();
-    let b0 = first / blk;
-    let b1 = (first + out.len() as u64).div_ceil(blk);
-    let (s, e) = (
-        (b0 * ty.type_size()) as usize,
-        (b1 * ty.type_size()) as usize,
-    );
-    let bytes = sp
-        .values
-        .get(s..e)
-        .ok_or_else(|| QuantError::SizeMismatch {
-            tensor: name.into(),
-            expected: e as u64,
-            found: sp.values.len() as u64,
-        })?;
-    if blk == 1 {
-        codec::dequantize_into(ty, bytes, out);
-    } else {
-        let mut tmp = vec![0f32; ((b1 - b0) * blk) as usize];
-        codec::dequantize_into(ty, bytes, &mut tmp);
-        let off = (first - b0 * blk) as usize;
-        out.copy_from_slice(&tmp[off..off + out.len()]);
-    }
-    Ok(())
 }
