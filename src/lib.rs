@@ -9,6 +9,8 @@
 //!   per-tensor merge engine.
 //! - [`delta`] — sparse delta packs (`.dpk.gguf`): format, reader, base fingerprint.
 //! - [`quant`] — dequantize/quantize through ggml (bit-exact), llama.cpp's mixtures (`Q4_K_M`…).
+//! - [`runtime`] — llama.cpp at run time: load a base, overwrite weight tensors in memory,
+//!   generate, perplexity.
 //! - [`flows`] — the user-facing operations — [`inspect`], [`quantize_model`] — that the `ggmerge`
 //!   binary wraps.
 //!
@@ -30,6 +32,7 @@ pub mod flows;
 pub mod format;
 pub mod merge;
 pub mod quant;
+pub mod runtime;
 
 pub use error::{Error, Result};
 pub use flows::convert::{convert_model, ConvertOptions, ConvertReport};

@@ -1,0 +1,45 @@
+//! The llama.cpp runtime: load a model with llama.cpp's own loader, overwrite its weight tensors
+//! in memory, generate and measure perplexity. The only module with llama.cpp *context* FFI
+//! (the ggml quantization FFI is in [`crate::quant::ggml`]); everything here is behind a small
+//! safe API. It knows nothing of delta packs or mixtures: those are computed elsewhere and
+//! arrive here as whole-tensor bytes.
+//!
+//! - [`Model`] — a GGUF model loaded by `llama_model_load_from_file` without mmap (mmap'd CPU
+//!   weights are read-only), with its vocabulary and chat template. Owns the `llama_model`.
+//! - [`WeightMap`] / [`WeightTensor`] — the model's weight tensors, found through the public API
+//!   only: a throwaway context's `cb_eval` records every `*.weight` source of a one-token
+//!   decode ([`weights`]). From [`Model::weights`].
+//! - [`Session`] — a `llama_context` borrowing the model: [`Session::set_weight`] (whole-tensor
+//!   `ggml_backend_tensor_set`, then the memory is cleared), [`Session::logits_for`],
+//!   [`Session::generate`] ([`generate`]), [`Session::perplexity`] ([`perplexity`], the
+//!   chunking of llama-perplexity).
+//! - [`backend`] — `llama_backend_init` once and the log sink (quiet unless
+//!   `GGMERGE_LLAMA_LOG=1`).
+//! - [`RuntimeError`] — every failure, naming the file, tensor or sizes concerned.
+//!
+//! ```no_run
+//! use ggmerge::runtime::{GenerateOptions, Model, ModelOptions, SessionOptions};
+//!
+//! let model = Model::load("model.gguf", &ModelOptions::default())?;
+//! println!("{} weight tensors", model.weights()?.len());
+//! let mut session = model.session(&SessionOptions { n_ctx: 2048, ..Default::default() })?;
+//! let out = session.generate("The capital of France is", &GenerateOptions::default())?;
+//! println!("{}", out.text);
+//! # Ok::<(), ggmerge::runtime::RuntimeError>(())
+//! ```
+
+pub mod backend;
+mod context;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod perplexity;
+pub mod session;
+pub mod weights;
+
+pub use error::RuntimeError;
+pub use generate::{GenerateOptions, Generation, StopReason};
+pub use model::{ChatMessage, Model, ModelOptions, Token};
+pub use perplexity::Perplexity;
+pub use session::{Session, SessionOptions};
+pub use weights::{WeightMap, WeightTensor};
