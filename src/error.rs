@@ -21,6 +21,9 @@ pub enum Error {
         #[source]
         source: QuantError,
     },
+    /// llama.cpp at run time failed (load, decode, tokenize, a weight write).
+    #[error(transparent)]
+    Runtime(#[from] crate::runtime::RuntimeError),
     /// A request that cannot be carried out (bad option, unknown type name).
     #[error("{0}")]
     Invalid(String),

@@ -31,6 +31,7 @@ pub mod error;
 pub mod flows;
 pub mod format;
 pub mod merge;
+pub mod progress;
 pub mod quant;
 pub mod runtime;
 

@@ -77,6 +77,81 @@ pub enum Command {
     /// Example: ggmerge apply --base base.gguf --expert math.dpk.gguf:0.6 --expert code.dpk.gguf:0.4
     ///     --method dare_ties -o merged.gguf
     Apply(ApplyArgs),
+    /// Generate text with llama.cpp from the base plus weighted expert packs applied in memory
+    /// at load time (no merged file is written).
+    ///
+    /// Example: ggmerge run --base base.gguf --expert math.dpk.gguf:0.6 -p "What is 12*7?" --chat
+    Run(RunArgs),
+    /// Interactive chat with the base plus experts. Commands: `/experts math=1 code=0.3`
+    /// switches the mixture in place (unnamed experts get 0), `/experts` shows it, `/quit`.
+    Chat(ChatArgs),
+    /// Perplexity of a text under the base plus experts, chunked like llama.cpp's
+    /// llama-perplexity (each window of -c tokens scores its second half).
+    Perplexity(PerplexityArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct ExpertArgs {
+    /// The base model (GGUF), loaded by llama.cpp.
+    #[arg(long)]
+    pub base: PathBuf,
+    /// An expert pack and its weight, PATH:WEIGHT (weight 1 when omitted); repeat for each.
+    #[arg(long = "expert")]
+    pub experts: Vec<String>,
+    /// How expert deltas combine: task_arithmetic, ties, dare_ties, dare_linear.
+    #[arg(long, default_value = "task_arithmetic")]
+    pub method: String,
+    /// Context size in tokens.
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    pub ctx: u32,
+    /// Threads (default: all cores).
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Memory for cached mixtures, MiB (switching back to a cached mixture is a copy).
+    #[arg(long, default_value_t = 1024)]
+    pub cache_mib: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub experts: ExpertArgs,
+    /// The prompt.
+    #[arg(short = 'p', long)]
+    pub prompt: String,
+    /// Tokens to generate.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 128)]
+    pub n: usize,
+    /// Temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+    /// Sampling seed.
+    #[arg(long)]
+    pub seed: Option<u32>,
+    /// Wrap the prompt in the model's chat template.
+    #[arg(long)]
+    pub chat: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct ChatArgs {
+    #[command(flatten)]
+    pub experts: ExpertArgs,
+    /// Tokens per answer.
+    #[arg(short = 'n', long = "n-predict", default_value_t = 256)]
+    pub n: usize,
+    /// Temperature; 0 is greedy.
+    #[arg(long, default_value_t = 0.0)]
+    pub temp: f32,
+}
+
+#[derive(Args, Debug)]
+pub struct PerplexityArgs {
+    #[command(flatten)]
+    pub experts: ExpertArgs,
+    /// The text file.
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
 }
 
 #[derive(Args, Debug)]

@@ -5,6 +5,7 @@ mod args;
 mod bars;
 mod merge;
 mod print;
+mod run;
 
 use std::process::ExitCode;
 
@@ -45,6 +46,9 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
             merge::run(&a, sub)
         }
         Command::Extract(a) => merge::extract(&a),
+        Command::Run(a) => run::run(&a),
+        Command::Chat(a) => run::chat(&a),
+        Command::Perplexity(a) => run::perplexity(&a),
         Command::Apply(a) => merge::apply(&a),
         Command::Convert(a) => {
             let out_type = match &a.ty {

@@ -756,6 +756,30 @@ fn produce_tensor(
     }
 }
 
+/// Computes every tensor the plan changes (those not copied verbatim) in its output type and
+/// hands it to `f`, without writing a file: the runtime applies expert mixtures this way.
+pub fn for_each_changed_tensor(
+    plan: &MergePlan,
+    threads: Option<usize>,
+    f: &mut (dyn FnMut(&PlannedTensor, Vec<u8>) -> Result<()> + Send),
+) -> Result<()> {
+    let mut totals = Totals::default();
+    with_threads(threads, || {
+        for (idx, t) in plan.tensors.iter().enumerate() {
+            if t.action == TensorAction::Copy {
+                continue;
+            }
+            let mut bytes = Vec::with_capacity(nbytes(&t.shape, t.out_ty).unwrap_or(0) as usize);
+            produce_tensor(plan, idx, t.out_ty, &mut totals, &mut |b| {
+                bytes.extend_from_slice(b);
+                Ok(())
+            })?;
+            f(t, bytes)?;
+        }
+        Ok(())
+    })
+}
+
 fn run_plan(
     plan: &MergePlan,
     opts: &MergeOptions,

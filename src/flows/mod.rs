@@ -5,6 +5,7 @@
 //! - [`convert_model`](convert::convert_model): GGUF ↔ safetensors (HF names and transforms).
 //! - [`extract_delta`](extract::extract_delta): a fine-tune → a sparse delta pack.
 //! - [`merge_models`](merge::merge_models): merge fine-tunes into a base (DARE, TIES, …).
+//! - [`ExpertSession`](run::ExpertSession): a llama.cpp session with delta packs applied in memory.
 //! - [`progress`] — the [`Progress`](progress::Progress) callback and thread-pool helper.
 
 pub mod convert;
@@ -13,3 +14,4 @@ pub mod inspect;
 pub mod merge;
 pub mod progress;
 pub mod quantize;
+pub mod run;

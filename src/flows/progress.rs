@@ -1,22 +1,7 @@
-//! Progress reporting from long flows. The library never prints: it calls a [`Progress`]
-//! that the caller supplies (the CLI draws indicatif bars; [`NoProgress`] ignores everything).
+//! The thread-pool helper of the flows; [`Progress`] lives in [`crate::progress`] (the runtime
+//! layer uses it too) and is re-exported here.
 
-/// Receives progress events. Called from the thread running the flow.
-pub trait Progress: Sync {
-    /// The flow starts; `total` is the total work in bytes of output.
-    fn start(&self, _total: u64) {}
-    /// A tensor starts (`index` of `count`).
-    fn tensor(&self, _name: &str, _index: usize, _count: usize) {}
-    /// `bytes` more of the output are done.
-    fn advance(&self, _bytes: u64) {}
-    /// The flow ended (successfully or not).
-    fn finish(&self) {}
-}
-
-/// Ignores progress.
-pub struct NoProgress;
-
-impl Progress for NoProgress {}
+pub use crate::progress::{NoProgress, Progress};
 
 /// Runs `f` on a rayon pool of `threads` threads (all cores when `None`).
 pub fn with_threads<T: Send>(

@@ -26,7 +26,7 @@ use rayon::prelude::*;
 use super::context::Batch;
 use super::error::{Result, RuntimeError};
 use super::session::Session;
-use crate::flows::progress::Progress;
+use crate::progress::Progress;
 
 /// The result of [`Session::perplexity`].
 #[derive(Debug, Clone)]
