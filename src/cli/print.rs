@@ -267,8 +267,9 @@ pub fn extract_report(r: &ggmerge::flows::extract::ExtractReport, output: &Path)
     if let Some(snr) = r.signal_to_noise {
         if snr < 2.0 {
             eprintln!(
-                "warning: the fine-tune's delta (RMS {:.2e}) is not far above the base's quantization noise (ratio {snr:.2}): \
-                 much of the pack is rounding noise; extract from higher-precision (F16/Q8_0) models if you can",
+                "warning: the fine-tune's delta (RMS {:.2e}) is comparable to the rounding noise of the base's \
+                 quantization (ratio {snr:.2}): if it was trained from unquantized weights, much of the pack is rounding \
+                 noise — extract against a higher-precision (F16/Q8_0) base if you can",
                 r.delta_rms
             );
         }

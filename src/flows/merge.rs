@@ -942,8 +942,9 @@ fn run_plan(
             if let Some(snr) = signal_to_noise {
                 if snr < 2.0 && plan.method.kind == Kind::TaskVector {
                     warnings.push(format!(
-                        "{}: its delta (RMS {delta_rms:.2e}) is not far above the base's quantization noise (ratio {snr:.2}): \
-                         much of what is merged is rounding noise; use higher-precision (F16/Q8_0) experts and base if you can",
+                        "{}: its delta (RMS {delta_rms:.2e}) is comparable to the rounding noise of the base's quantization \
+                         (ratio {snr:.2}): if the fine-tune was trained from unquantized weights, much of what is merged is \
+                         rounding noise — prefer a higher-precision (F16/Q8_0) base and experts",
                         mm.path().display()
                     ));
                 }
