@@ -112,6 +112,21 @@ fn pack_sizes_follow_the_format() {
             "density {density}: {size} vs {expected}"
         );
         assert_eq!(r.pack_bytes as f64, size);
+        // `inspect` understands packs: fingerprint, density, kept counts per tensor.
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_ggmerge"))
+            .args(["inspect", p.to_str().unwrap(), "--tensors"])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&o.stdout);
+        assert!(
+            text.contains(&format!("dare at density {density}")),
+            "{text}"
+        );
+        assert!(
+            text.contains("fingerprint") && text.contains(&format!("{} kept values", r.kept)),
+            "{text}"
+        );
+        assert!(text.contains("blk.0.ffn_up.weight"), "{text}");
     }
 }
 
@@ -193,6 +208,46 @@ fn wrong_base_and_bad_packs_are_refused() {
     .unwrap()
     .to_string();
     assert!(err.contains("cut.dpk.gguf"), "{err}");
+    assert!(!out.exists());
+    // A pack with a delta for a tensor the base does not have.
+    let extra = dir.path().join("extra.dpk.gguf");
+    {
+        use ggmerge::format::gguf::{Array, GgufWriter, TensorSpec, Value};
+        let m = GgufModel::open(&p).unwrap();
+        let mut md = m.metadata().clone();
+        let Some(Value::Array(Array::U64(mut kept))) = md.get("delta.kept").cloned() else {
+            panic!("kept counts")
+        };
+        kept.push(32);
+        md.set("delta.kept", Value::Array(Array::U64(kept)));
+        let mut specs: Vec<TensorSpec> = m
+            .tensors()
+            .map(|t| TensorSpec {
+                name: t.info.name.clone(),
+                shape: t.info.shape.clone(),
+                ty: t.info.ty,
+            })
+            .collect();
+        specs.push(TensorSpec {
+            name: "blk.99.ffn_up.weight.dv".into(),
+            shape: vec![32],
+            ty: GgmlType::Q8_0,
+        });
+        let mut w = GgufWriter::create(&extra, 3, &md, &specs, &[p.as_path()]).unwrap();
+        for t in m.tensors() {
+            w.write_tensor(t.data).unwrap();
+        }
+        w.write_tensor(&[0u8; 34]).unwrap();
+        w.finish().unwrap();
+    }
+    let err = merge_models(
+        &merge_cfg(Method::TaskArithmetic, &[(&extra, 1.0, None)]),
+        &opts(&out),
+        &NoProgress,
+    )
+    .expect_err("unknown tensor")
+    .to_string();
+    assert!(err.contains("blk.99.ffn_up.weight"), "{err}");
     assert!(!out.exists());
     // The CLI: weight that is not a number.
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_ggmerge"))

@@ -83,6 +83,27 @@ pub fn summary(s: &ModelSummary, tensors: bool, all_metadata: bool) {
         };
         println!("  {:<45} {:<14} {}", m.key, m.value_type, value);
     }
+    if let Some(p) = &s.pack {
+        let kept: u64 = p.tensors.iter().map(|t| t.1).sum();
+        println!();
+        println!(
+            "delta pack:    {} at density {}, {} mask (seed {}, stream {}), {} values",
+            p.method, p.density, p.mask, p.seed, p.stream, p.values
+        );
+        println!("base:          fingerprint {}", p.base_fingerprint);
+        println!(
+            "changed:       {} tensors, {kept} kept values",
+            p.tensors.len()
+        );
+        if tensors {
+            println!();
+            println!("{:<40} {:>12}", "changed tensor", "kept");
+            for (name, k) in &p.tensors {
+                println!("{name:<40} {k:>12}");
+            }
+            return;
+        }
+    }
     if tensors {
         println!();
         println!(

@@ -48,6 +48,27 @@ pub struct TensorRow {
     pub bytes: u64,
 }
 
+/// What a delta pack holds (for `inspect` of a `.dpk.gguf`).
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct PackSummary {
+    /// Fingerprint of the base it applies to.
+    pub base_fingerprint: String,
+    /// Sparsifier (`dare`, `magnitude`, `della`).
+    pub method: String,
+    /// Keep fraction.
+    pub density: f64,
+    /// Mask seed and stream.
+    pub seed: u64,
+    /// Mask stream.
+    pub stream: u32,
+    /// Mask storage (`philox`, `explicit`, `dense`).
+    pub mask: String,
+    /// Value type.
+    pub values: String,
+    /// Changed tensors and their kept value counts.
+    pub tensors: Vec<(String, u64)>,
+}
+
 /// Everything `ggmerge inspect` shows.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct ModelSummary {
@@ -75,6 +96,8 @@ pub struct ModelSummary {
     pub metadata: Vec<MetaEntry>,
     /// Tensors in file order.
     pub tensors: Vec<TensorRow>,
+    /// For delta packs: what the pack holds.
+    pub pack: Option<PackSummary>,
 }
 
 fn type_label(v: &Value) -> String {
@@ -149,6 +172,7 @@ pub fn summarize(model: &GgufModel) -> ModelSummary {
             })
             .collect(),
         tensors,
+        pack: None,
     }
 }
 
@@ -161,5 +185,19 @@ pub fn summarize(model: &GgufModel) -> ModelSummary {
 /// ```
 pub fn inspect(path: impl AsRef<Path>) -> crate::Result<ModelSummary> {
     let model = GgufModel::open(path.as_ref())?;
-    Ok(summarize(&model))
+    let mut summary = summarize(&model);
+    if summary.file_kind.as_deref() == Some(crate::delta::pack::PACK_TYPE) {
+        let p = crate::delta::pack::DeltaPack::open(path.as_ref())?;
+        summary.pack = Some(PackSummary {
+            base_fingerprint: p.fingerprint.clone(),
+            method: p.method.clone(),
+            density: p.density,
+            seed: p.seed,
+            stream: p.stream,
+            mask: p.mask.name().into(),
+            values: p.values.name().into(),
+            tensors: p.tensors.clone(),
+        });
+    }
+    Ok(summary)
 }

@@ -350,6 +350,17 @@ pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan
                 reference.as_ref(),
                 base_fingerprint.as_deref().unwrap_or(""),
             )?;
+            if let Some((name, _)) = pack
+                .tensors
+                .iter()
+                .find(|(n, _)| reference.tensor_info(n).is_none())
+            {
+                return Err(Error::Invalid(format!(
+                    "{}: has a delta for tensor {name:?}, which the base {} does not have",
+                    pack.path().display(),
+                    reference.path().display()
+                )));
+            }
             models.push(MergeInput::Pack(pack));
         } else {
             models.push(MergeInput::Model(open_model(path, fallback.as_ref())?));
