@@ -33,13 +33,8 @@ fn load(a: &ExpertArgs) -> anyhow::Result<(Model, Vec<Expert>, Vec<f64>, Method)
         weights.push(w);
     }
     let started = std::time::Instant::now();
-    let model = Model::load(
-        &a.base,
-        &ModelOptions {
-            threads: a.threads,
-            ..Default::default()
-        },
-    )?;
+    // Weight discovery runs on one thread (ModelOptions' default); -t is for decoding.
+    let model = Model::load(&a.base, &ModelOptions::default())?;
     eprintln!(
         "loaded {} in {:.2} s",
         a.base.display(),

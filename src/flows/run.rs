@@ -203,11 +203,11 @@ impl<'m> ExpertSession<'m> {
                     self.base_path.display()
                 ))
             })?;
-            self.session.set_weight(name, t.data)?;
+            self.session.write_weight(name, t.data)?;
             written += 1;
         }
         for (name, bytes) in tensors.iter() {
-            self.session.set_weight(name, bytes)?;
+            self.session.write_weight(name, bytes)?;
             written += 1;
         }
         self.session.clear_memory();

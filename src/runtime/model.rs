@@ -24,7 +24,9 @@ pub struct ModelOptions {
     /// Let llama.cpp repack weights for its fast CPU kernels (`use_extra_bufts`). Repacked
     /// tensors still accept whole-tensor writes ([`Session::set_weight`]).
     pub repack: bool,
-    /// Threads for the one-token decode of weight discovery (all cores when `None`).
+    /// Threads for the one-token decode of weight discovery (1 when `None`: with cb_eval set
+    /// the scheduler runs the graph node by node, and more threads mostly add a
+    /// synchronization per node).
     pub threads: Option<usize>,
 }
 
@@ -116,7 +118,7 @@ impl Model {
     /// (`llama_model_load_from_file`), without mmap and without lazy loading.
     pub fn load(path: impl AsRef<Path>, opts: &ModelOptions) -> Result<Model> {
         let path = path.as_ref();
-        let threads = default_threads(opts.threads)?;
+        let threads = default_threads(Some(opts.threads.unwrap_or(1)))?;
         backend::init();
         if !path.is_file() {
             return Err(RuntimeError::NotFound { path: path.into() });

@@ -109,12 +109,21 @@ impl<'m> Session<'m> {
         self.ctx.clear_memory();
     }
 
+    /// Overwrites the whole weight tensor `name` with `bytes` (see [`Session::write_weight`]),
+    /// then clears this session's memory.
+    pub fn set_weight(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.write_weight(name, bytes)?;
+        self.clear_memory();
+        Ok(())
+    }
+
     /// Overwrites the whole weight tensor `name` with `bytes` (its type's encoding, exactly
     /// [`WeightTensor::nbytes`](super::WeightTensor::nbytes) long) through
-    /// `ggml_backend_tensor_set`, then clears this session's memory. Repacked tensors are
-    /// repacked from `bytes` by their buffer. Weights are never read back: keep the bytes you
-    /// may want to restore.
-    pub fn set_weight(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
+    /// `ggml_backend_tensor_set`, without clearing the memory — for writing many tensors, then
+    /// calling [`Session::clear_memory`] once (the KV cache is stale until then). Repacked
+    /// tensors are repacked from `bytes` by their buffer. Weights are never read back: keep
+    /// the bytes you may want to restore.
+    pub fn write_weight(&mut self, name: &str, bytes: &[u8]) -> Result<()> {
         let weights = self.model.weights()?;
         let t = weights
             .get(name)
@@ -135,7 +144,6 @@ impl<'m> Session<'m> {
         // a decode of this one. The CPU buffer is writable because the model was loaded
         // without mmap.
         unsafe { sys::ggml_backend_tensor_set(t.raw(), bytes.as_ptr().cast(), 0, bytes.len()) };
-        self.clear_memory();
         Ok(())
     }
 
