@@ -5,15 +5,16 @@
 //! `ggmerge quantize` of whole models next to llama.cpp's own `llama_model_quantize` run in the
 //! same process with the same threads, as a ratio. Models: scripts/fetch-models.sh.
 
-use std::ffi::CString;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
 use ggmerge::format::gguf::GgufModel;
 use ggmerge::format::GgmlType;
 use ggmerge::quant::{self, QuantizeSupport, Target};
 use ggmerge::{quantize_model, NoProgress, QuantizeOptions};
-use llama_cpp_sys_2 as sys;
+#[path = "../tests/common/llama.rs"]
+mod llama;
+use llama::llama_quantize;
 
 fn models_dir() -> PathBuf {
     std::env::var_os("GGMERGE_MODELS")
@@ -30,29 +31,6 @@ fn best_of(reps: usize, mut f: impl FnMut()) -> f64 {
             t.elapsed().as_secs_f64()
         })
         .fold(f64::INFINITY, f64::min)
-}
-
-extern "C" fn quiet_log(
-    _: sys::ggml_log_level,
-    _: *const std::os::raw::c_char,
-    _: *mut std::ffi::c_void,
-) {
-}
-
-fn llama_quantize(input: &Path, output: &Path, ftype: u32, threads: i32) {
-    let cin = CString::new(input.to_str().unwrap()).unwrap();
-    let cout = CString::new(output.to_str().unwrap()).unwrap();
-    // SAFETY: valid C strings outliving the call; default params with scalar fields set.
-    let rc = unsafe {
-        sys::llama_log_set(Some(quiet_log), std::ptr::null_mut());
-        sys::llama_backend_init();
-        let mut p = sys::llama_model_quantize_default_params();
-        p.nthread = threads;
-        p.ftype = ftype as sys::llama_ftype;
-        p.allow_requantize = true;
-        sys::llama_model_quantize(cin.as_ptr(), cout.as_ptr(), &p)
-    };
-    assert_eq!(rc, 0);
 }
 
 fn main() {

@@ -7,6 +7,7 @@
 use std::path::PathBuf;
 
 pub mod experts;
+pub mod llama;
 
 /// The model cache: `$GGMERGE_MODELS`, else `.cache/models` in the repository.
 pub fn models_dir() -> PathBuf {
