@@ -439,7 +439,7 @@ pub fn extract_delta(
         finetuned_bytes: file_size(finetuned),
         zero_delta_share: zero as f64 / e,
         delta_rms,
-        signal_to_noise: step_rms.map(|s| delta_rms / (s / 12f64.sqrt() * 2f64.sqrt()).max(1e-30)),
+        signal_to_noise: step_rms.map(|s| engine::signal_to_noise(delta_rms, s)),
         seconds: started.elapsed().as_secs_f64(),
     })
 }

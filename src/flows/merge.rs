@@ -948,8 +948,7 @@ fn run_plan(
         .map(|(i, mm)| {
             let e = elements.max(1) as f64;
             let delta_rms = (sumsq[i] / e).sqrt();
-            // Two independent roundings with step s: noise RMS ≈ s/√12 · √2.
-            let signal_to_noise = step_rms.map(|s| delta_rms / (s / 12f64.sqrt() * 2f64.sqrt()).max(1e-30));
+            let signal_to_noise = step_rms.map(|s| engine::signal_to_noise(delta_rms, s));
             if let Some(snr) = signal_to_noise {
                 if snr < 2.0 && plan.method.kind == Kind::TaskVector {
                     warnings.push(format!(

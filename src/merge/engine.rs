@@ -178,6 +178,13 @@ pub struct TensorStats {
     pub retention_den: f64,
 }
 
+/// Delta RMS over the rounding noise expected from two independent roundings at the base's
+/// quantization step (`step_rms`): a uniform rounding error has RMS step/√12, two add as √2.
+/// Below ~2, much of a delta is quantization noise.
+pub fn signal_to_noise(delta_rms: f64, step_rms: f64) -> f64 {
+    delta_rms / (step_rms / 12f64.sqrt() * 2f64.sqrt()).max(1e-30)
+}
+
 /// An error while merging a tensor; `input` is `None` for the base, `Some(i)` for model i.
 #[derive(Debug)]
 pub struct EngineError {
