@@ -290,6 +290,15 @@ impl DeltaPack {
         })
     }
 
+    /// Drops the pages of base tensor `name`'s stored delta from the process's resident set
+    /// until it is read again (see [`crate::format::ModelSource::release`]).
+    pub fn release(&self, name: &str) {
+        self.file
+            .release_tensor(&format!("{name}{VALUES_SUFFIX}"), 0..usize::MAX);
+        self.file
+            .release_tensor(&format!("{name}{INDICES_SUFFIX}"), 0..usize::MAX);
+    }
+
     /// The engine's view of tensor `name` (`None` when the pack leaves it unchanged).
     pub fn sparse(&self, name: &str) -> Option<SparseDelta<'_>> {
         let t = self.tensor(name)?;

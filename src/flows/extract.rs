@@ -291,6 +291,7 @@ pub fn extract_delta(
                 out_ty: GgmlType::F32,
                 chunk_elems: engine::DEFAULT_CHUNK_ELEMS,
                 output: JobOutput::SparseDelta,
+                rows_done: None,
             };
             let key = MaskKey::new(opts.seed, opts.stream, name);
             let mut values: Vec<f32> = Vec::new();

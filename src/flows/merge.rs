@@ -668,6 +668,19 @@ impl Totals {
     }
 }
 
+/// Hints to every input that tensor `name` is done, so mapped inputs drop its pages from the
+/// process's resident set: a merge's RSS then follows the tensor being merged, not the inputs'
+/// total size.
+fn release_inputs(plan: &MergePlan, name: &str) {
+    plan.reference.release(name, 0..usize::MAX);
+    for m in &plan.models {
+        match m {
+            MergeInput::Model(m) => m.release(name, 0..usize::MAX),
+            MergeInput::Pack(p) => p.release(name),
+        }
+    }
+}
+
 /// Produces output tensor `idx` of the plan as `out_ty` bytes, handed to `write` in order.
 fn produce_tensor(
     plan: &MergePlan,
@@ -732,6 +745,21 @@ fn produce_tensor(
                 })
                 .collect();
             let linear = plan.method.kind == Kind::Linear;
+            // Rows the engine is done with leave the process's resident set (inputs are
+            // memory-mapped): RSS follows the slab being merged, even for a huge embedding.
+            let n_per_row = t.shape[0];
+            let row_bytes = |ty: GgmlType| ty.row_bytes(n_per_row).unwrap_or(0) as usize;
+            let dense_types: Vec<Option<GgmlType>> =
+                dense.iter().map(|d| d.as_ref().map(|x| x.ty)).collect();
+            let rows_done = |rows: std::ops::Range<usize>| {
+                let bytes = |ty| rows.start * row_bytes(ty)..rows.end * row_bytes(ty);
+                plan.reference.release(&t.name, bytes(base.ty));
+                for (m, ty) in plan.models.iter().zip(&dense_types) {
+                    if let (MergeInput::Model(m), Some(ty)) = (m, ty) {
+                        m.release(&t.name, bytes(*ty));
+                    }
+                }
+            };
             let job = TensorJob {
                 name: &t.name,
                 n_per_row: t.shape[0] as usize,
@@ -749,6 +777,7 @@ fn produce_tensor(
                 out_ty,
                 chunk_elems: engine::DEFAULT_CHUNK_ELEMS,
                 output: engine::JobOutput::Merged,
+                rows_done: Some(&rows_done),
             };
             let st =
                 engine::merge_tensor(&job, &mut |bytes| write(bytes)).map_err(|e| match e {
@@ -840,6 +869,8 @@ fn run_plan(
                             tx.send(Msg::Part(bytes.to_vec())).map_err(|_| stopped())
                         })?;
                         tx.send(Msg::EndTensor).map_err(|_| stopped())?;
+                        // Every part sent was copied out of the maps, verbatim copies too.
+                        release_inputs(plan, &t.name);
                     }
                     Ok(())
                 })();

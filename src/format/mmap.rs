@@ -38,4 +38,38 @@ impl MappedFile {
     pub fn bytes(&self) -> &[u8] {
         self.map.as_deref().unwrap_or(&[])
     }
+
+    /// Tells the kernel that the pages under `part` (a slice of [`bytes`](Self::bytes)) are
+    /// not needed for now: they leave this process's resident set (the file's pages stay in the
+    /// page cache, and reading `part` again maps them back in). A merge calls this for each
+    /// input tensor once it is merged, so the process's RSS stays near one tensor's inputs
+    /// instead of growing to the size of every input. Best effort: a slice outside the map or
+    /// a refusal by the kernel is ignored. The range is widened to whole pages, so a neighbor
+    /// may lose a page too — it is read back on its next access.
+    pub fn release(&self, part: &[u8]) {
+        // Nothing to gain below a page.
+        if part.len() < 4096 {
+            return;
+        }
+        let (Some(map), false) = (&self.map, part.is_empty()) else {
+            return;
+        };
+        let base = map.as_ptr() as usize;
+        let Some(offset) = (part.as_ptr() as usize).checked_sub(base) else {
+            return;
+        };
+        if offset + part.len() > map.len() {
+            return;
+        }
+        #[cfg(unix)]
+        {
+            // SAFETY: `MADV_DONTNEED` on a read-only, shared file mapping only drops page-table
+            // entries; the next access faults the same file bytes back in from the page cache
+            // (or disk), so every `&[u8]` borrowed from the map keeps reading the same values.
+            // (For private, writable mappings it would discard changes — this map is neither.)
+            let _ = unsafe {
+                map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, offset, part.len())
+            };
+        }
+    }
 }

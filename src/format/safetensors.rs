@@ -705,6 +705,18 @@ impl ModelSource for SafetensorsModel {
             (e.shape.clone(), e.ty)
         })
     }
+    fn release(&self, name: &str, part: std::ops::Range<usize>) {
+        // Transformed tensors (permuted rows) map `part` to other raw bytes; a hint, so the
+        // raw range at the same offsets is good enough.
+        if let Some(&i) = self.by_name.get(name) {
+            let e = &self.entries[i];
+            let raw = &self.files[e.file].map.bytes()[e.start..e.end];
+            let end = part.end.min(raw.len());
+            self.files[e.file]
+                .map
+                .release(&raw[part.start.min(end)..end]);
+        }
+    }
     fn tensor(&self, name: &str) -> Result<Option<SourceTensor<'_>>> {
         let Some(&i) = self.by_name.get(name) else {
             return Ok(None);

@@ -7,6 +7,7 @@
 //! bytes for that one tensor.
 
 use std::borrow::Cow;
+use std::ops::Range;
 use std::path::Path;
 
 use crate::format::error::Result;
@@ -42,6 +43,12 @@ pub trait ModelSource: Send + Sync {
     fn tensor(&self, name: &str) -> Result<Option<SourceTensor<'_>>>;
     /// Number of transformer blocks, if known.
     fn block_count(&self) -> Option<u64>;
+    /// Hints that bytes `part` of tensor `name`'s data (clamped to the tensor) will not be
+    /// read again soon, so a memory-mapped source can drop their pages from the process's
+    /// resident set (reading them again still works). The default does nothing.
+    fn release(&self, name: &str, part: Range<usize>) {
+        let _ = (name, part);
+    }
 }
 
 impl ModelSource for GgufModel {
@@ -71,5 +78,8 @@ impl ModelSource for GgufModel {
     }
     fn block_count(&self) -> Option<u64> {
         GgufModel::metadata(self).arch_u64("block_count")
+    }
+    fn release(&self, name: &str, part: Range<usize>) {
+        self.release_tensor(name, part);
     }
 }

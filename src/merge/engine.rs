@@ -12,13 +12,16 @@ use rayon::prelude::*;
 use crate::format::GgmlType;
 use crate::merge::kernel::{self, Combine, ModelSparsity, ScaleRule, Sparsifier};
 use crate::merge::mask::{self, MaskKey};
+use crate::merge::measure;
 use crate::merge::select::{self, HighHistogram, LowHistogram, RankCut};
 use crate::quant::{codec, QuantError};
 
 /// Elements per chunk (rounded to whole rows) unless a job says otherwise.
-pub const DEFAULT_CHUNK_ELEMS: usize = 64 * 1024;
+pub const DEFAULT_CHUNK_ELEMS: usize = 32 * 1024;
+/// The noise report estimates the base's quantization step from every this-many-th block.
+const STEP_SAMPLE_EVERY: usize = 8;
 /// Output bytes per slab handed to the writer.
-const SLAB_BYTES: usize = 32 << 20;
+const SLAB_BYTES: usize = 8 << 20;
 
 /// The shape of a merge method, as the engine sees it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -155,6 +158,9 @@ pub struct TensorJob<'a> {
     pub chunk_elems: usize,
     /// Merged output (normal) or model 0's sparse delta (delta-pack extraction).
     pub output: JobOutput,
+    /// Called with a row range once the main pass has written it: those rows of every input
+    /// are not read again by this job (so a caller can release memory-mapped pages).
+    pub rows_done: Option<&'a (dyn Fn(std::ops::Range<usize>) + Sync)>,
 }
 
 /// What merging one tensor measured.
@@ -168,7 +174,7 @@ pub struct TensorStats {
     pub delta_sumsq: Vec<f64>,
     /// Per model: non-zero deltas after sparsification.
     pub kept: Vec<u64>,
-    /// Σ over blocks of (estimated quantization step of the base)², and the block count.
+    /// Σ over the measured blocks (a sample) of (estimated quantization step of the base)².
     pub step_sumsq: f64,
     /// Blocks measured for `step_sumsq`.
     pub step_blocks: u64,
@@ -192,6 +198,27 @@ pub struct EngineError {
     pub input: Option<usize>,
     /// What failed.
     pub source: QuantError,
+}
+
+/// Per-thread work buffers of the main pass (merged values and their requantized-then-
+/// dequantized copy), reused across chunks and tensors instead of allocated per chunk.
+#[derive(Default)]
+struct Scratch {
+    out: Vec<f32>,
+    back: Vec<f32>,
+}
+
+impl Scratch {
+    /// Both buffers, `len` long (contents unspecified: every user overwrites them whole).
+    fn take(&mut self, len: usize) -> (&mut [f32], &mut [f32]) {
+        self.out.resize(len, 0.0);
+        self.back.resize(len, 0.0);
+        (&mut self.out[..len], &mut self.back[..len])
+    }
+}
+
+thread_local! {
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
 }
 
 struct Chunk {
@@ -226,7 +253,7 @@ impl TensorJob<'_> {
         let row = t.ty.row_bytes(self.n_per_row as u64).unwrap_or(0) as usize;
         let bytes = &t.data[c.row0 * row..(c.row0 + c.rows) * row];
         codec::dequantize_into(t.ty, bytes, out);
-        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+        if let Some(i) = measure::first_non_finite(out) {
             return Err(EngineError {
                 input,
                 source: QuantError::NonFinite {
@@ -649,69 +676,62 @@ pub fn merge_tensor(
                         ..TensorStats::default()
                     };
                     if let Some(bs) = step_block {
-                        for blk in base.chunks(bs) {
-                            let (lo, hi) = blk
-                                .iter()
-                                .fold((f32::MAX, f32::MIN), |a, &v| (a.0.min(v), a.1.max(v)));
-                            st.step_sumsq +=
-                                f64::from(hi - lo).powi(2) / (step_levels * step_levels);
-                            st.step_blocks += 1;
-                        }
+                        let (range_sumsq, blocks) =
+                            measure::block_range_sumsq(base, bs, STEP_SAMPLE_EVERY);
+                        st.step_sumsq += range_sumsq / (step_levels * step_levels);
+                        st.step_blocks += blocks;
                     }
                     for (i, di) in d.iter().enumerate() {
-                        st.zero_deltas[i] = di.iter().filter(|v| **v == 0.0).count() as u64;
-                        st.delta_sumsq[i] = di.iter().map(|v| f64::from(*v) * f64::from(*v)).sum();
+                        (st.zero_deltas[i], st.delta_sumsq[i]) = measure::zeros_and_sumsq(di);
                     }
-                    let mut out = vec![0f32; len];
-                    if spec.kind == Kind::Slerp {
-                        for ((o, b), dv) in out.iter_mut().zip(base).zip(&d[0]) {
-                            *o = slerp.0 * b + slerp.1 * (b + dv);
+                    SCRATCH.with_borrow_mut(|scratch| {
+                        let (out, back) = scratch.take(len);
+                        if spec.kind == Kind::Slerp {
+                            for ((o, b), dv) in out.iter_mut().zip(base).zip(&d[0]) {
+                                *o = slerp.0 * b + slerp.1 * (b + dv);
+                            }
+                        } else {
+                            for (i, di) in d.iter_mut().enumerate() {
+                                let s = sparsity_at(&sparsity, &equal_prefix, i, c);
+                                kernel::sparsify(sparsifier_of(i), &s, start, job.n_per_row, di);
+                                st.kept[i] = measure::nonzeros(di);
+                            }
+                            if job.output == JobOutput::SparseDelta {
+                                let bytes = d[0].iter().flat_map(|v| v.to_le_bytes()).collect();
+                                return Ok((bytes, st));
+                            }
+                            kernel::combine(combine, base, d, &weights, out);
                         }
-                    } else {
-                        for (i, di) in d.iter_mut().enumerate() {
-                            let s = sparsity_at(&sparsity, &equal_prefix, i, c);
-                            kernel::sparsify(sparsifier_of(i), &s, start, job.n_per_row, di);
-                            st.kept[i] = di.iter().filter(|v| **v != 0.0).count() as u64;
+                        if let Some(i) = measure::first_non_finite(out) {
+                            return Err(QuantError::NonFinite {
+                                tensor: job.name.into(),
+                                index: start + i as u64,
+                                value: out[i],
+                            });
                         }
-                        if job.output == JobOutput::SparseDelta {
-                            let bytes = d[0].iter().flat_map(|v| v.to_le_bytes()).collect();
-                            return Ok((bytes, st));
+                        // Rows the merge leaves exactly as they were keep the base's own bytes:
+                        // requantizing dequantized values is not always the identity (K-quants search
+                        // their scales), and an untouched row must not change.
+                        if let Some(b) = job.base.filter(|b| b.ty == job.out_ty) {
+                            if out
+                                .iter()
+                                .zip(base)
+                                .all(|(o, x)| o.to_bits() == x.to_bits())
+                            {
+                                let bytes =
+                                    b.data[c.row0 * out_row..(c.row0 + c.rows) * out_row].to_vec();
+                                return Ok((bytes, st));
+                            }
                         }
-                        kernel::combine(combine, base, d, &weights, &mut out);
-                    }
-                    if let Some(i) = out.iter().position(|v| !v.is_finite()) {
-                        return Err(QuantError::NonFinite {
-                            tensor: job.name.into(),
-                            index: start + i as u64,
-                            value: out[i],
-                        });
-                    }
-                    // Rows the merge leaves exactly as they were keep the base's own bytes:
-                    // requantizing dequantized values is not always the identity (K-quants search
-                    // their scales), and an untouched row must not change.
-                    if let Some(b) = job.base.filter(|b| b.ty == job.out_ty) {
-                        if out
-                            .iter()
-                            .zip(base)
-                            .all(|(o, x)| o.to_bits() == x.to_bits())
-                        {
-                            let bytes =
-                                b.data[c.row0 * out_row..(c.row0 + c.rows) * out_row].to_vec();
-                            return Ok((bytes, st));
+                        let mut bytes = vec![0u8; c.rows * out_row];
+                        codec::quantize_into(job.out_ty, out, job.n_per_row as u64, &mut bytes);
+                        if !base.is_empty() {
+                            codec::dequantize_into(job.out_ty, &bytes, back);
+                            (st.retention_num, st.retention_den) =
+                                measure::retention_sums(back, out, base);
                         }
-                    }
-                    let mut bytes = vec![0u8; c.rows * out_row];
-                    codec::quantize_into(job.out_ty, &out, job.n_per_row as u64, &mut bytes);
-                    if !base.is_empty() {
-                        let mut back = vec![0f32; len];
-                        codec::dequantize_into(job.out_ty, &bytes, &mut back);
-                        for ((q, o), b) in back.iter().zip(&out).zip(base) {
-                            let delta = f64::from(o - b);
-                            st.retention_num += f64::from(q - b) * delta;
-                            st.retention_den += delta * delta;
-                        }
-                    }
-                    Ok((bytes, st))
+                        Ok((bytes, st))
+                    })
                 },
             )
             .map_err(MergeTensorError::Engine)?;
@@ -732,6 +752,9 @@ pub fn merge_tensor(
             stats.step_blocks += st.step_blocks;
             stats.retention_num += st.retention_num;
             stats.retention_den += st.retention_den;
+        }
+        if let (Some(done), Some(first), Some(last)) = (job.rows_done, slab.first(), slab.last()) {
+            done(first.row0..last.row0 + last.rows);
         }
     }
     Ok(stats)
@@ -859,6 +882,7 @@ mod tests {
             out_ty: GgmlType::F32,
             chunk_elems: DEFAULT_CHUNK_ELEMS,
             output: JobOutput::Merged,
+            rows_done: None,
         }
     }
 

@@ -5,6 +5,8 @@
 //!   (seed, stream, tensor name, element index).
 //! - [`select`] — exact top-k / rank-window selection over |δ| without sorting the tensor.
 //! - [`kernel`] — per-chunk arithmetic: sparsify, sign election, combine, SLERP.
+//! - [`measure`] — per-chunk measurements for the report (delta noise, retention) and the
+//!   finiteness check, as fixed-order vectorizable reductions.
 //! - [`engine`] — one tensor, streamed: statistics passes, then dequantize → merge →
 //!   requantize chunk by chunk in parallel.
 //!
@@ -15,4 +17,5 @@ pub mod config;
 pub mod engine;
 pub mod kernel;
 pub mod mask;
+pub mod measure;
 pub mod select;

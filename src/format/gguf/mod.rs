@@ -12,6 +12,7 @@ pub mod value;
 pub mod write;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub use read::{Header, TensorInfo};
@@ -85,6 +86,13 @@ impl GgufFile {
         let t = &self.header.tensors[i];
         let start = (self.header.data_offset + t.offset) as usize;
         &self.map.bytes()[start..start + t.nbytes as usize]
+    }
+    /// Drops the pages of bytes `part` (clamped) of tensor `i`'s data from the process's
+    /// resident set until they are read again (see [`MappedFile::release`]).
+    pub fn release_tensor(&self, i: usize, part: Range<usize>) {
+        let data = self.tensor_data(i);
+        let end = part.end.min(data.len());
+        self.map.release(&data[part.start.min(end)..end]);
     }
 }
 
@@ -251,6 +259,15 @@ impl GgufModel {
     /// The tensor named `name`.
     pub fn tensor_by_name(&self, name: &str) -> Option<TensorRef<'_>> {
         self.by_name.get(name).map(|&i| self.tensor(i))
+    }
+    /// Drops the pages of bytes `part` (clamped) of the tensor named `name` from the process's
+    /// resident set until they are read again (no-op for unknown names; see
+    /// [`MappedFile::release`]).
+    pub fn release_tensor(&self, name: &str, part: Range<usize>) {
+        if let Some(&i) = self.by_name.get(name) {
+            let (s, t) = self.order[i];
+            self.shards[s].release_tensor(t, part);
+        }
     }
     /// Number of parameters (elements over all tensors).
     pub fn n_params(&self) -> u64 {
