@@ -299,3 +299,50 @@ fn magnitude_packs_store_indices_and_apply() {
     .unwrap();
     assert!(std::fs::read(&merged).unwrap() == std::fs::read(&applied).unwrap());
 }
+
+#[test]
+fn cached_kept_indices_give_the_tensors_apply_writes() {
+    use ggmerge::delta::pack::DeltaPack;
+    use ggmerge::flows::merge::{for_each_changed_tensor, plan_merge, plan_merge_with_packs};
+    use std::sync::Arc;
+
+    let (_d, a, b) = experts();
+    let dir = common::tempdir();
+    let pa = dir.path().join("a.dpk.gguf");
+    let pb = dir.path().join("b.dpk.gguf");
+    extract(a, &pa, 0.1, GgmlType::F16, 0);
+    extract(b, &pb, 0.1, GgmlType::F16, 1);
+    let cfg = merge_cfg(Method::DareTies, &[(&pa, 0.6, None), (&pb, 0.4, None)]);
+    let applied = dir.path().join("applied.gguf");
+    merge_models(&cfg, &opts(&applied), &NoProgress).unwrap();
+    let collect = |plan| {
+        let mut out = Vec::new();
+        for_each_changed_tensor(&plan, Some(2), &mut |t, bytes| {
+            out.push((t.name.clone(), bytes));
+            Ok(())
+        })
+        .unwrap();
+        out
+    };
+    // Regenerated masks (the runtime's path before caching) …
+    let regenerated = collect(plan_merge(&cfg, &opts(&applied)).unwrap());
+    // … and cached kept indices give the same bytes, which are the applied file's tensors.
+    let base = GgufModel::open(common::smollm2()).unwrap();
+    let mut packs = Vec::new();
+    for p in [&pa, &pb] {
+        let mut pack = DeltaPack::open(p).unwrap();
+        let kept: u64 = pack.tensors.iter().map(|t| t.1).sum();
+        assert_eq!(pack.cache_kept_indices(&base).unwrap(), 4 * kept);
+        packs.push(Arc::new(pack));
+    }
+    let cached = collect(plan_merge_with_packs(&cfg, &opts(&applied), &packs).unwrap());
+    assert_eq!(regenerated.len(), 211);
+    assert!(regenerated == cached);
+    let file = GgufModel::open(&applied).unwrap();
+    for (name, bytes) in &cached {
+        assert!(
+            file.tensor_by_name(name).unwrap().data == &bytes[..],
+            "{name}"
+        );
+    }
+}

@@ -18,6 +18,7 @@
 //! element order (Q8_0 padded with zeros to whole blocks); `NAME.di` (I32) their element
 //! indices for explicit masks. Tensors whose delta is all zero are absent.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -28,7 +29,7 @@ use crate::format::gguf::{GgufModel, TensorRef, Value};
 use crate::format::source::ModelSource;
 use crate::format::GgmlType;
 use crate::merge::engine::{SparseDelta, SparseMask};
-use crate::merge::mask::MaskKey;
+use crate::merge::mask::{self, MaskKey};
 
 /// `general.type` of a pack.
 pub const PACK_TYPE: &str = "ggmerge.delta";
@@ -126,6 +127,9 @@ pub struct DeltaPack {
     pub values: GgmlType,
     /// Changed base tensors, in pack order, with their kept counts.
     pub tensors: Vec<(String, u64)>,
+    /// Kept-element indices (u32 little-endian) per tensor of a Philox-masked pack, once
+    /// [`cache_kept_indices`](Self::cache_kept_indices) has computed them.
+    kept_indices: HashMap<String, Vec<u8>>,
 }
 
 fn bad(path: &Path, reason: impl Into<String>) -> Error {
@@ -260,7 +264,58 @@ impl DeltaPack {
             values,
             tensors: names.into_iter().zip(kept).collect(),
             file,
+            kept_indices: HashMap::new(),
         })
+    }
+
+    /// Regenerates the Philox mask of every tensor once and keeps the indices of its kept
+    /// elements (4 bytes per kept value), so that [`sparse`](Self::sparse) hands the engine
+    /// explicit indices: applying the pack again then scatters its values instead of
+    /// generating masks (the runtime does this so a mixture switch costs no mask generation).
+    /// `base` gives each tensor's element count. Returns the bytes now held. Packs with
+    /// explicit or dense masks need nothing and return 0; tensors of 2³² elements or more keep
+    /// the Philox path.
+    pub fn cache_kept_indices(&mut self, base: &dyn ModelSource) -> Result<u64> {
+        if self.mask != MaskKind::Philox {
+            return Ok(0);
+        }
+        let path = self.path().to_path_buf();
+        let (seed, stream, density) = (self.seed, self.stream, self.density);
+        let built: Vec<(String, Vec<u8>)> = self
+            .tensors
+            .par_iter()
+            .filter_map(|(name, kept)| {
+                let (shape, _) = base.tensor_info(name)?;
+                let n = shape.iter().product::<u64>();
+                (n <= u64::from(u32::MAX)).then_some((name, *kept, n))
+            })
+            .map(|(name, kept, n)| {
+                let key = MaskKey::new(seed, stream, name);
+                let mut idx = Vec::with_capacity(kept as usize * 4);
+                let mut keep = vec![false; (n as usize).min(1 << 20)];
+                let mut start = 0u64;
+                while start < n {
+                    let len = (n - start).min(keep.len() as u64) as usize;
+                    mask::keep_mask(&key, density, start, &mut keep[..len]);
+                    for (j, _) in keep[..len].iter().enumerate().filter(|(_, k)| **k) {
+                        idx.extend_from_slice(&((start + j as u64) as u32).to_le_bytes());
+                    }
+                    start += len as u64;
+                }
+                if idx.len() as u64 != kept * 4 {
+                    return Err(bad(
+                        &path,
+                        format!(
+                            "tensor {name:?} records {kept} kept values, its mask keeps {}",
+                            idx.len() / 4
+                        ),
+                    ));
+                }
+                Ok((name.clone(), idx))
+            })
+            .collect::<Result<_>>()?;
+        self.kept_indices = built.into_iter().collect();
+        Ok(self.kept_indices.values().map(|v| v.len() as u64).sum())
     }
 
     /// The pack's path.
@@ -308,9 +363,12 @@ impl DeltaPack {
             mask: match self.mask {
                 MaskKind::Dense => SparseMask::All,
                 MaskKind::Explicit => SparseMask::Indices(t.indices.map_or(&[][..], |i| i.data)),
-                MaskKind::Philox => SparseMask::Philox {
-                    key: MaskKey::new(self.seed, self.stream, name),
-                    density: self.density,
+                MaskKind::Philox => match self.kept_indices.get(name) {
+                    Some(idx) => SparseMask::Indices(idx),
+                    None => SparseMask::Philox {
+                        key: MaskKey::new(self.seed, self.stream, name),
+                        density: self.density,
+                    },
                 },
             },
         })

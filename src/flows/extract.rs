@@ -291,6 +291,7 @@ pub fn extract_delta(
                 out_ty: GgmlType::F32,
                 chunk_elems: engine::DEFAULT_CHUNK_ELEMS,
                 output: JobOutput::SparseDelta,
+                measure: true,
                 rows_done: None,
             };
             let key = MaskKey::new(opts.seed, opts.stream, name);

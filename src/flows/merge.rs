@@ -6,6 +6,9 @@
 //! ([`crate::merge::engine`]) tensor by tensor and writes the result with the base's metadata
 //! and tokenizer. The report carries the delta-noise and delta-retention measurements.
 
+use std::sync::Arc;
+
+use rayon::prelude::*;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -102,8 +105,9 @@ pub struct MergePlan {
 pub enum MergeInput {
     /// A fine-tuned model; its delta is computed against the base.
     Model(Box<dyn ModelSource>),
-    /// A sparse delta pack extracted against this base.
-    Pack(DeltaPack),
+    /// A sparse delta pack extracted against this base (shared: the runtime keeps its packs
+    /// open, with their cached kept indices, across mixtures).
+    Pack(Arc<DeltaPack>),
 }
 
 impl MergeInput {
@@ -309,6 +313,17 @@ fn model_params(
 
 /// Resolves a config into a plan without computing anything (`--dry-run` prints it).
 pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan> {
+    plan_merge_with_packs(config, opts, &[])
+}
+
+/// [`plan_merge`], taking delta packs from `open` (matched by path) instead of opening them
+/// again: the runtime plans every mixture this way, reusing packs whose kept indices it has
+/// cached ([`DeltaPack::cache_kept_indices`]). Packs not in `open` are opened as usual.
+pub fn plan_merge_with_packs(
+    config: &MergeConfig,
+    opts: &MergeOptions,
+    open: &[Arc<DeltaPack>],
+) -> Result<MergePlan> {
     config
         .validate()
         .map_err(|e| Error::Invalid(e.to_string()))?;
@@ -341,8 +356,12 @@ pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan
     let mut models = Vec::with_capacity(config.models.len());
     for m in &config.models {
         let path = Path::new(&m.model);
-        if DeltaPack::is_pack(path) {
-            let pack = DeltaPack::open(path)?;
+        let opened = open.iter().find(|p| p.path() == path).cloned();
+        if opened.is_some() || DeltaPack::is_pack(path) {
+            let pack = match opened {
+                Some(p) => p,
+                None => Arc::new(DeltaPack::open(path)?),
+            };
             if base_fingerprint.is_none() {
                 base_fingerprint = Some(fingerprint(reference.as_ref())?);
             }
@@ -686,6 +705,7 @@ fn produce_tensor(
     plan: &MergePlan,
     idx: usize,
     out_ty: GgmlType,
+    measure: bool,
     totals: &mut Totals,
     write: &mut dyn FnMut(&[u8]) -> Result<()>,
 ) -> Result<()> {
@@ -777,6 +797,7 @@ fn produce_tensor(
                 out_ty,
                 chunk_elems: engine::DEFAULT_CHUNK_ELEMS,
                 output: engine::JobOutput::Merged,
+                measure,
                 rows_done: Some(&rows_done),
             };
             let st =
@@ -797,24 +818,36 @@ fn produce_tensor(
 }
 
 /// Computes every tensor the plan changes (those not copied verbatim) in its output type and
-/// hands it to `f`, without writing a file: the runtime applies expert mixtures this way.
+/// hands it to `f`, in plan order, without writing a file: the runtime applies expert mixtures
+/// this way. Tensors are computed concurrently (each also in parallel chunks), since nothing
+/// has to be written in order: small tensors, whose few chunks cannot keep every core busy,
+/// overlap. Holds every changed tensor's bytes until `f` has seen them (the runtime caches
+/// them anyway).
 pub fn for_each_changed_tensor(
     plan: &MergePlan,
     threads: Option<usize>,
     f: &mut (dyn FnMut(&PlannedTensor, Vec<u8>) -> Result<()> + Send),
 ) -> Result<()> {
-    let mut totals = Totals::default();
     with_threads(threads, || {
-        for (idx, t) in plan.tensors.iter().enumerate() {
-            if t.action == TensorAction::Copy {
-                continue;
-            }
-            let mut bytes = Vec::with_capacity(nbytes(&t.shape, t.out_ty).unwrap_or(0) as usize);
-            produce_tensor(plan, idx, t.out_ty, &mut totals, &mut |b| {
-                bytes.extend_from_slice(b);
-                Ok(())
-            })?;
-            f(t, bytes)?;
+        let changed: Vec<usize> = (0..plan.tensors.len())
+            .filter(|&i| plan.tensors[i].action != TensorAction::Copy)
+            .collect();
+        let computed: Vec<Vec<u8>> = changed
+            .par_iter()
+            .map(|&idx| {
+                let t = &plan.tensors[idx];
+                let mut bytes =
+                    Vec::with_capacity(nbytes(&t.shape, t.out_ty).unwrap_or(0) as usize);
+                let mut totals = Totals::default();
+                produce_tensor(plan, idx, t.out_ty, false, &mut totals, &mut |b| {
+                    bytes.extend_from_slice(b);
+                    Ok(())
+                })?;
+                Ok(bytes)
+            })
+            .collect::<Result<_>>()?;
+        for (idx, bytes) in changed.into_iter().zip(computed) {
+            f(&plan.tensors[idx], bytes)?;
         }
         Ok(())
     })
@@ -864,7 +897,7 @@ fn run_plan(
                 let computed = (|| -> Result<()> {
                     for (idx, t) in plan.tensors.iter().enumerate() {
                         progress.tensor(&t.name, idx, n);
-                        produce_tensor(plan, idx, t.out_ty, &mut totals, &mut |bytes| {
+                        produce_tensor(plan, idx, t.out_ty, true, &mut totals, &mut |bytes| {
                             progress.advance(bytes.len() as u64);
                             tx.send(Msg::Part(bytes.to_vec())).map_err(|_| stopped())
                         })?;
@@ -924,7 +957,7 @@ fn run_plan(
                     if current.as_ref().map(|c| c.0) != Some(i) {
                         progress.tensor(&plan.tensors[i].name, i, n);
                         let mut values: Vec<f32> = Vec::new();
-                        produce_tensor(plan, i, GgmlType::F32, &mut totals, &mut |bytes| {
+                        produce_tensor(plan, i, GgmlType::F32, true, &mut totals, &mut |bytes| {
                             values.extend(
                                 bytes
                                     .chunks_exact(4)

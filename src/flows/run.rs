@@ -12,8 +12,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use crate::delta::pack::{fingerprint, DeltaPack};
 use crate::error::{Error, Result};
-use crate::flows::merge::{for_each_changed_tensor, plan_merge, MergeOptions};
+use crate::flows::merge::{for_each_changed_tensor, plan_merge_with_packs, MergeOptions};
+use crate::flows::progress::with_threads;
 use crate::format::gguf::GgufModel;
 use crate::merge::config::{ConfigSource, MergeConfig, Method, ModelEntry, ParamValue};
 use crate::runtime::{Model, Session, SessionOptions};
@@ -63,6 +65,10 @@ pub struct ExpertSession<'m> {
     base_path: PathBuf,
     base: GgufModel,
     experts: Vec<Expert>,
+    /// The experts' packs, open for the session, with their kept indices cached.
+    packs: Vec<Arc<DeltaPack>>,
+    /// Bytes of those cached indices.
+    index_bytes: u64,
     weights: Vec<f64>,
     method: Method,
     threads: Option<usize>,
@@ -98,11 +104,28 @@ impl<'m> ExpertSession<'m> {
         cache_budget: u64,
     ) -> Result<ExpertSession<'m>> {
         let base = GgufModel::open(base_path)?;
+        // Each pack's mask is generated once, here; every mixture then scatters kept values
+        // at cached indices (4 bytes per kept value) instead of regenerating masks.
+        let mut packs = Vec::with_capacity(experts.len());
+        let mut index_bytes = 0;
+        let base_fingerprint = if experts.is_empty() {
+            String::new()
+        } else {
+            fingerprint(&base)?
+        };
+        for e in &experts {
+            let mut pack = DeltaPack::open(&e.path)?;
+            pack.check_base(&base, &base_fingerprint)?;
+            index_bytes += with_threads(threads, || pack.cache_kept_indices(&base))?;
+            packs.push(Arc::new(pack));
+        }
         let mut s = ExpertSession {
             session: model.session(session)?,
             base_path: base_path.to_path_buf(),
             base,
             experts,
+            packs,
+            index_bytes,
             weights: Vec::new(),
             method,
             threads,
@@ -129,6 +152,11 @@ impl<'m> ExpertSession<'m> {
         &self.weights
     }
 
+    /// Bytes held for the packs' cached kept indices (4 per kept value of a DARE pack).
+    pub fn index_bytes(&self) -> u64 {
+        self.index_bytes
+    }
+
     /// Computes a mixture's changed tensors with the merge engine (the bytes `apply` writes).
     fn compute(&self, weights: &[f64]) -> Result<TensorBytes> {
         let mut config = MergeConfig::new(self.method, ConfigSource::Cli);
@@ -149,7 +177,7 @@ impl<'m> ExpertSession<'m> {
             seed: None,
             threads: self.threads,
         };
-        let plan = plan_merge(&config, &opts)?;
+        let plan = plan_merge_with_packs(&config, &opts, &self.packs)?;
         let mut out = Vec::new();
         for_each_changed_tensor(&plan, self.threads, &mut |t, bytes| {
             out.push((t.name.clone(), bytes));

@@ -158,6 +158,9 @@ pub struct TensorJob<'a> {
     pub chunk_elems: usize,
     /// Merged output (normal) or model 0's sparse delta (delta-pack extraction).
     pub output: JobOutput,
+    /// Take the report's measurements ([`TensorStats`] delta noise, kept counts, retention);
+    /// without them only `elements` is filled (the runtime prints no report).
+    pub measure: bool,
     /// Called with a row range once the main pass has written it: those rows of every input
     /// are not read again by this job (so a caller can release memory-mapped pages).
     pub rows_done: Option<&'a (dyn Fn(std::ops::Range<usize>) + Sync)>,
@@ -675,13 +678,13 @@ pub fn merge_tensor(
                         kept: vec![0; m],
                         ..TensorStats::default()
                     };
-                    if let Some(bs) = step_block {
+                    if let Some(bs) = step_block.filter(|_| job.measure) {
                         let (range_sumsq, blocks) =
                             measure::block_range_sumsq(base, bs, STEP_SAMPLE_EVERY);
                         st.step_sumsq += range_sumsq / (step_levels * step_levels);
                         st.step_blocks += blocks;
                     }
-                    for (i, di) in d.iter().enumerate() {
+                    for (i, di) in d.iter().enumerate().filter(|_| job.measure) {
                         (st.zero_deltas[i], st.delta_sumsq[i]) = measure::zeros_and_sumsq(di);
                     }
                     SCRATCH.with_borrow_mut(|scratch| {
@@ -694,7 +697,9 @@ pub fn merge_tensor(
                             for (i, di) in d.iter_mut().enumerate() {
                                 let s = sparsity_at(&sparsity, &equal_prefix, i, c);
                                 kernel::sparsify(sparsifier_of(i), &s, start, job.n_per_row, di);
-                                st.kept[i] = measure::nonzeros(di);
+                                if job.measure {
+                                    st.kept[i] = measure::nonzeros(di);
+                                }
                             }
                             if job.output == JobOutput::SparseDelta {
                                 let bytes = d[0].iter().flat_map(|v| v.to_le_bytes()).collect();
@@ -725,7 +730,7 @@ pub fn merge_tensor(
                         }
                         let mut bytes = vec![0u8; c.rows * out_row];
                         codec::quantize_into(job.out_ty, out, job.n_per_row as u64, &mut bytes);
-                        if !base.is_empty() {
+                        if job.measure && !base.is_empty() {
                             codec::dequantize_into(job.out_ty, &bytes, back);
                             (st.retention_num, st.retention_den) =
                                 measure::retention_sums(back, out, base);
@@ -882,6 +887,7 @@ mod tests {
             out_ty: GgmlType::F32,
             chunk_elems: DEFAULT_CHUNK_ELEMS,
             output: JobOutput::Merged,
+            measure: true,
             rows_done: None,
         }
     }
