@@ -12,7 +12,8 @@
 //! - [`Session`] — a `llama_context` borrowing the model: [`Session::set_weight`] (whole-tensor
 //!   `ggml_backend_tensor_set`, then the memory is cleared), [`Session::logits_for`],
 //!   [`Session::generate`] ([`generate`]), [`Session::perplexity`] ([`perplexity`], the
-//!   chunking of llama-perplexity).
+//!   chunking of llama-perplexity), [`Session::score_answer`] ([`answer`]: greedy exact match
+//!   and log-likelihood of a short answer, for knowledge evaluations).
 //! - [`backend`] — `llama_backend_init` once and the log sink (quiet unless
 //!   `GGMERGE_LLAMA_LOG=1`).
 //! - [`RuntimeError`] — every failure, naming the file, tensor or sizes concerned.
@@ -28,6 +29,7 @@
 //! # Ok::<(), ggmerge::runtime::RuntimeError>(())
 //! ```
 
+pub mod answer;
 pub mod backend;
 mod context;
 pub mod error;
@@ -37,6 +39,7 @@ pub mod perplexity;
 pub mod session;
 pub mod weights;
 
+pub use answer::AnswerScore;
 pub use error::RuntimeError;
 pub use generate::{GenerateOptions, Generation, StopReason};
 pub use model::{ChatMessage, Model, ModelOptions, Token};
