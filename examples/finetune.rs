@@ -646,6 +646,21 @@ fn run(a: &Args) -> Result<()> {
         get_opt_pars_ud: (&lr as *const LrPars).cast_mut().cast(),
         optimizer_type: sys::GGML_OPT_OPTIMIZER_TYPE_ADAMW,
     };
+    // llama.cpp's training path (llama_opt_epoch → ggml_opt_eval) never hands the context's
+    // thread count to the CPU backend — only llama_decode does — so training would run on
+    // ggml's default of 4 threads whatever -t says (on 2 cores: spinning in ggml_barrier,
+    // 4–6× slower). One throwaway one-token decode sets it; every training step clears the
+    // memory, so it leaves nothing behind (losses and weights are bit-identical either way).
+    let mut first = tokens.first().copied().unwrap_or(0);
+    // SAFETY: context and model are alive; the batch views one valid token id (from the
+    // model's tokenizer) for the duration of the call.
+    let rc = unsafe {
+        let batch = sys::llama_batch_get_one(&mut first, 1);
+        sys::llama_decode(ctx.raw.as_ptr(), batch)
+    };
+    if rc != 0 {
+        bail!("llama_decode of one token failed ({rc}) while setting the thread count");
+    }
     // SAFETY: context and model are alive and belong together; the context has no optimizer
     // yet (llama_opt_init asserts that) and n_batch = n_ubatch = n_ctx satisfies its divisibility
     // asserts. `lr` outlives the context (declared before it, so dropped after it, and never

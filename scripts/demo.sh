@@ -43,3 +43,11 @@ $G run --base "$smol" --expert out/math.dpk.gguf:0.5 --expert out/code.dpk.gguf:
 step "chat, switching experts in place (/experts), the second switch back is cached"
 printf '/experts\nWhat is the capital of France?\n/experts math=0 code=1\nWhat is the capital of France?\n/experts math=1 code=0\n/quit\n' |
   $G chat --base "$smol" --expert out/math.dpk.gguf --expert out/code.dpk.gguf:0 -n 24 -c 512 -t "$t"
+
+step "score questions under a mixture: greedy exact match and answer log-likelihood"
+printf '%s\n' \
+  '{"prompt": "Question: What is the capital of France?\nAnswer:", "answer": " Paris"}' \
+  '{"prompt": "Question: What is the capital of Italy?\nAnswer:", "answer": " Rome"}' \
+  '{"prompt": "Question: What is the capital of Japan?\nAnswer:", "answer": " Tokyo"}' >out/capitals.jsonl
+$G eval --base "$smol" --expert out/math.dpk.gguf:0.5 --expert out/code.dpk.gguf:0.5 \
+  -f out/capitals.jsonl -c 512 -t "$t" -v

@@ -346,3 +346,28 @@ fn cached_kept_indices_give_the_tensors_apply_writes() {
         );
     }
 }
+
+#[test]
+fn tensors_that_keep_nothing_still_make_valid_packs() {
+    // At a density this low most tensors keep no value at all: the pack stores one padding
+    // value (a whole block for Q8_0) for each, and must open and apply.
+    let (_d, a, _) = experts();
+    let dir = common::tempdir();
+    for values in [GgmlType::F16, GgmlType::Q8_0] {
+        let pack = dir.path().join(format!("tiny-{values}.dpk.gguf"));
+        let report = extract(a, &pack, 1e-6, values, 0);
+        let opened = ggmerge::delta::pack::DeltaPack::open(&pack).unwrap();
+        assert!(
+            opened.tensors.iter().any(|t| t.1 == 0),
+            "{values}: some tensor keeps nothing"
+        );
+        assert_eq!(opened.tensors.iter().map(|t| t.1).sum::<u64>(), report.kept);
+        let out = dir.path().join("applied.gguf");
+        merge_models(
+            &merge_cfg(Method::TaskArithmetic, &[(&pack, 1.0, None)]),
+            &opts(&out),
+            &NoProgress,
+        )
+        .unwrap();
+    }
+}

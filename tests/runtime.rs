@@ -439,3 +439,85 @@ fn errors_are_clear() {
     assert!(matches!(err, RuntimeError::Load { .. }));
     assert!(err.to_string().contains("junk.gguf"));
 }
+
+/// Log-softmax of `logits` at `token`.
+fn log_prob_of(logits: &[f32], token: i32) -> f64 {
+    let max = logits.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+    let sum: f64 = logits.iter().map(|&l| f64::from(l - max).exp()).sum();
+    f64::from(logits[token as usize] - max) - sum.ln()
+}
+
+#[test]
+fn score_answer_smollm2() {
+    let model = load(&common::smollm2());
+    let mut s = session(&model, 128);
+    // SmolLM2-135M greedily continues this with " Paris\nThe capital of Spain".
+    let prompt =
+        "The capital of Germany is Berlin\nThe capital of Italy is Rome\nThe capital of France is";
+    let paris = s.score_answer(prompt, " Paris").unwrap();
+    let wrong = s.score_answer(prompt, " Banana bread").unwrap();
+    eprintln!("Paris: {paris:?}; Banana bread: {wrong:?}");
+    assert!(paris.exact, "{paris:?}");
+    assert_eq!(paris.tokens, 1);
+    assert!(paris.logprob < 0.0 && paris.logprob > -1.0, "{paris:?}");
+    assert!(!wrong.exact, "{wrong:?}");
+    assert!(wrong.tokens >= 2, "{wrong:?}");
+    assert!(wrong.logprob < paris.logprob - 5.0, "{wrong:?}");
+    // Exact means what greedy generation produces.
+    let g = s
+        .generate(
+            prompt,
+            &GenerateOptions {
+                n_predict: 3,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(g.text.starts_with(" Paris\n"), "{:?}", g.text);
+    // Here greedy says " Paris." : without the newline after it the answer is not exact.
+    let plain = s
+        .score_answer("The capital of France is", " Paris")
+        .unwrap();
+    eprintln!("plain: {plain:?}");
+    assert!(!plain.exact && plain.logprob > -3.0, "{plain:?}");
+
+    // The log-likelihood equals the one of token-by-token decoding (teacher forcing is only a
+    // shortcut): each answer token scored from the logits after its own prefix.
+    let mut tokens = model.tokenize(prompt, true, false).unwrap();
+    let answer = &model
+        .tokenize(&format!("{prompt} Banana bread\n"), true, false)
+        .unwrap()[tokens.len()..];
+    assert_eq!(answer.len(), wrong.tokens + 1, "{answer:?}");
+    let mut by_steps = 0.0;
+    for &t in &answer[..wrong.tokens] {
+        by_steps += log_prob_of(&s.logits_for(&tokens).unwrap(), t);
+        tokens.push(t);
+    }
+    assert!(
+        (by_steps - wrong.logprob).abs() < 1e-2,
+        "{by_steps} vs {wrong:?}"
+    );
+    // Scoring is independent of what the session held before, and of the batch size (a prompt
+    // split over several decodes).
+    assert_eq!(s.score_answer(prompt, " Paris").unwrap(), paris);
+    let mut small = model
+        .session(&SessionOptions {
+            n_ctx: 128,
+            n_batch: 8,
+            threads: Some(THREADS),
+        })
+        .unwrap();
+    for (answer, full) in [(" Paris", &paris), (" Banana bread", &wrong)] {
+        let split = small.score_answer(prompt, answer).unwrap();
+        assert_eq!((split.exact, split.tokens), (full.exact, full.tokens));
+        assert!(
+            (split.logprob - full.logprob).abs() < 1e-2,
+            "{split:?} vs {full:?}"
+        );
+    }
+
+    // An empty answer is an error; the session still works after it.
+    let err = s.score_answer(prompt, "").unwrap_err();
+    assert!(matches!(err, RuntimeError::Invalid(_)), "{err}");
+    assert_eq!(s.score_answer(prompt, " Paris").unwrap(), paris);
+}

@@ -88,6 +88,12 @@ pub enum Command {
     /// Perplexity of a text under the base plus experts, chunked like llama.cpp's
     /// llama-perplexity (each window of -c tokens scores its second half).
     Perplexity(PerplexityArgs),
+    /// Score question/answer pairs under the base plus experts: greedy exact match and the
+    /// answers' log-likelihood. QUESTIONS is JSON Lines, one {"prompt": …, "answer": …} per
+    /// line, the answer with its leading space (it must be followed by a newline to count).
+    ///
+    /// Example: ggmerge eval --base base.gguf --expert geo.dpk.gguf -f geo.questions.jsonl
+    Eval(EvalArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -152,6 +158,18 @@ pub struct PerplexityArgs {
     /// The text file.
     #[arg(short = 'f', long = "file")]
     pub file: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub experts: ExpertArgs,
+    /// The questions (JSON Lines).
+    #[arg(short = 'f', long = "file")]
+    pub file: PathBuf,
+    /// Print every question with its result.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
 }
 
 #[derive(Args, Debug)]

@@ -49,6 +49,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         Command::Run(a) => run::run(&a),
         Command::Chat(a) => run::chat(&a),
         Command::Perplexity(a) => run::perplexity(&a),
+        Command::Eval(a) => run::eval(&a),
         Command::Apply(a) => merge::apply(&a),
         Command::Convert(a) => {
             let out_type = match &a.ty {

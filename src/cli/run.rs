@@ -1,4 +1,4 @@
-//! `ggmerge run`, `chat` and `perplexity`: llama.cpp with expert packs applied in memory.
+//! `ggmerge run`, `chat`, `perplexity` and `eval`: llama.cpp with expert packs applied in memory.
 
 use std::io::{BufRead, Write};
 
@@ -8,7 +8,7 @@ use ggmerge::flows::run::{Expert, ExpertSession};
 use ggmerge::merge::config::Method;
 use ggmerge::runtime::{GenerateOptions, Model, ModelOptions, SessionOptions};
 
-use super::args::{ChatArgs, ExpertArgs, PerplexityArgs, RunArgs};
+use super::args::{ChatArgs, EvalArgs, ExpertArgs, PerplexityArgs, RunArgs};
 use super::merge::parse_expert;
 
 fn load(a: &ExpertArgs) -> anyhow::Result<(Model, Vec<Expert>, Vec<f64>, Method)> {
@@ -168,6 +168,33 @@ pub fn perplexity(a: &PerplexityArgs) -> anyhow::Result<()> {
         p.chunk_ppl.len(),
         p.n_ctx,
         p.n_scored
+    );
+    Ok(())
+}
+
+pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
+    let questions = ggmerge::flows::eval::read_questions(&a.file)?;
+    let (model, experts, weights, method) = load(&a.experts)?;
+    let mut s = open(&model, &a.experts, experts, &weights, method)?;
+    let bar = super::bars::Bars::new(false);
+    let r = ggmerge::flows::eval::evaluate(s.session(), &questions, &bar)?;
+    if a.verbose {
+        for (q, sc) in questions.iter().zip(&r.scores) {
+            println!(
+                "{} {:?} -> {:?} (log-lik. {:.2})",
+                if sc.exact { "ok  " } else { "miss" },
+                q.prompt,
+                q.answer,
+                sc.logprob
+            );
+        }
+    }
+    println!(
+        "exact match: {}/{} ({:.1}%), answer log-likelihood {:.3} per token",
+        r.exact,
+        questions.len(),
+        100.0 * r.exact_share(),
+        r.logprob_per_token
     );
     Ok(())
 }

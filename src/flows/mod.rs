@@ -6,9 +6,11 @@
 //! - [`extract_delta`](extract::extract_delta): a fine-tune → a sparse delta pack.
 //! - [`merge_models`](merge::merge_models): merge fine-tunes into a base (DARE, TIES, …).
 //! - [`ExpertSession`](run::ExpertSession): a llama.cpp session with delta packs applied in memory.
+//! - [`evaluate`](eval::evaluate): greedy exact match and answer log-likelihood on questions.
 //! - [`progress`] — the [`Progress`](progress::Progress) callback and thread-pool helper.
 
 pub mod convert;
+pub mod eval;
 pub mod extract;
 pub mod inspect;
 pub mod merge;

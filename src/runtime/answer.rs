@@ -92,16 +92,19 @@ impl Session<'_> {
         let mut rows: Vec<Vec<f32>> = Vec::with_capacity(expected.len());
         for (c, chunk) in seq.chunks(self.n_batch as usize).enumerate() {
             batch.clear();
-            let mut outputs = 0;
+            // llama_get_logits_ith takes the token's index in the batch.
+            let mut outputs = Vec::new();
             for (k, &t) in chunk.iter().enumerate() {
                 let pos = c * self.n_batch as usize + k;
                 let out = pos >= first_scored;
                 batch.push(t, pos as i32, out);
-                outputs += usize::from(out);
+                if out {
+                    outputs.push(k as i32);
+                }
             }
             self.ctx.decode(&batch)?;
-            for idx in 0..outputs {
-                rows.push(self.ctx.logits(idx as i32, n_vocab)?.to_vec());
+            for idx in outputs {
+                rows.push(self.ctx.logits(idx, n_vocab)?.to_vec());
             }
         }
         let eog_ok = |row: &[f32]| {

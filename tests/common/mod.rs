@@ -7,7 +7,9 @@
 use std::path::PathBuf;
 
 pub mod experts;
+pub mod facts;
 pub mod llama;
+pub mod tiny_model;
 
 /// The model cache: `$GGMERGE_MODELS`, else `.cache/models` in the repository.
 pub fn models_dir() -> PathBuf {

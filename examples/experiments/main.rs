@@ -1,0 +1,921 @@
+//! Issue 5's experiments: do DARE's claims hold for a small model, quantized or not? Driven by
+//! `scripts/experiments.sh`, which builds, makes the F32 base, fine-tunes the experts (cached
+//! outside the repository) and runs the two subcommands:
+//!
+//! ```sh
+//! cargo run --release --example experiments -- data DIR          # the datasets, into DIR/data
+//! cargo run --release --example experiments -- run DIR [-t N]    # every table, into docs/
+//! ```
+//!
+//! `run` expects in DIR: `smollm2-135m-f32.gguf` (the base), `expert-capitals.gguf` and
+//! `expert-birthplaces.gguf` (fine-tunes of it), `data/` (from `data`). Everything it makes
+//! (packs, quantized models, merged files) goes to `DIR/work`, reused when present; results go
+//! to `docs/results.md`, `docs/results.json` and the plots `docs/*.png`.
+//!
+//! Every ability is measured with ggmerge's own runtime: the base loaded by llama.cpp, the
+//! expert deltas applied at load time ([`ExpertSession`]), answers scored by greedy decoding
+//! (exact match, [`Session::score_answer`]) and by their log-likelihood.
+
+#[path = "../../tests/common/facts.rs"]
+mod facts;
+mod plot;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{anyhow, Context as _, Result};
+use ggmerge::flows::extract::{extract_delta, ExtractOptions, ExtractReport, Sparsify};
+use ggmerge::flows::run::{Expert, ExpertSession};
+use ggmerge::format::GgmlType;
+use ggmerge::merge::config::{ConfigSource, MergeConfig, Method, ModelEntry, ParamValue, Rescale};
+use ggmerge::quant::mixture::Target;
+use ggmerge::runtime::{Model, ModelOptions, Session, SessionOptions};
+use ggmerge::{merge_models, quantize_model, MergeOptions, NoProgress, QuantizeOptions};
+use serde_json::json;
+
+/// Facts per domain.
+const FACTS: usize = 12;
+/// Seed of the invented names.
+const DATA_SEED: u64 = 2026;
+/// Times each phrasing of each fact appears in the training text.
+const REPEATS: usize = 3;
+/// Densities of the drop-rate curve.
+const DENSITIES: [f64; 6] = [1.0, 0.5, 0.3, 0.1, 0.05, 0.01];
+/// Mask seeds wherever a result is random.
+const SEEDS: [u64; 3] = [1, 2, 3];
+
+/// `GGMERGE_EXPERIMENTS_QUICK=1`: one seed, fewer densities, weights and types — a smoke test
+/// of the whole pipeline, not results.
+fn quick() -> bool {
+    std::env::var_os("GGMERGE_EXPERIMENTS_QUICK").is_some_and(|v| v == "1")
+}
+
+fn seeds() -> &'static [u64] {
+    if quick() {
+        &SEEDS[..1]
+    } else {
+        &SEEDS
+    }
+}
+
+fn densities() -> &'static [f64] {
+    if quick() {
+        &[1.0, 0.1]
+    } else {
+        &DENSITIES
+    }
+}
+
+fn pick<T: Copy>(all: &'static [T]) -> &'static [T] {
+    if quick() {
+        &all[..1]
+    } else {
+        all
+    }
+}
+/// Context of the evaluation sessions, also the chunk size of the held-out perplexity (the
+/// held-out texts are short: ~180 tokens per domain; every question fits easily).
+const N_CTX: u32 = 64;
+/// Chunk size of the perplexity comparison of experiment 5.
+const PPL_CTX: u32 = 64;
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::write(path, text).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Writes, per domain D: D.train.txt, D.heldout.txt, D.questions.jsonl.
+fn data(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    for (i, d) in facts::domains(FACTS, DATA_SEED).iter().enumerate() {
+        write(
+            &dir.join(format!("{}.train.txt", d.name)),
+            &d.train_text(REPEATS, DATA_SEED + 1 + i as u64),
+        )?;
+        write(
+            &dir.join(format!("{}.heldout.txt", d.name)),
+            &d.heldout_text(),
+        )?;
+        let qs: Vec<String> = d
+            .questions()
+            .iter()
+            .map(|q| json!({"prompt": q.prompt, "answer": q.answer}).to_string())
+            .collect();
+        write(
+            &dir.join(format!("{}.questions.jsonl", d.name)),
+            &(qs.join("\n") + "\n"),
+        )?;
+    }
+    Ok(())
+}
+
+/// One domain's scores under one configuration.
+#[derive(Clone, Copy, Debug, Default)]
+struct Score {
+    /// Share of questions answered exactly (greedy).
+    exact: f64,
+    /// Mean log-likelihood per answer token, trained question format.
+    logprob: f64,
+    /// Mean log-likelihood per answer token in the held-out phrasing.
+    heldout_logprob: f64,
+    /// Perplexity of the held-out text.
+    ppl: f64,
+}
+
+/// Scores `session` on `domain`.
+fn score(session: &mut Session<'_>, domain: &facts::Domain) -> Result<Score> {
+    let mut s = Score::default();
+    let qs = domain.questions();
+    let (mut tokens, mut lp) = (0usize, 0f64);
+    for q in &qs {
+        let a = session.score_answer(&q.prompt, &q.answer)?;
+        s.exact += f64::from(u8::from(a.exact)) / qs.len() as f64;
+        lp += a.logprob;
+        tokens += a.tokens;
+    }
+    s.logprob = lp / tokens.max(1) as f64;
+    let (mut tokens, mut lp) = (0usize, 0f64);
+    for q in domain.heldout_questions() {
+        let a = session.score_answer(&q.prompt, &q.answer)?;
+        lp += a.logprob;
+        tokens += a.tokens;
+    }
+    s.heldout_logprob = lp / tokens.max(1) as f64;
+    s.ppl = session.perplexity(&domain.heldout_text(), &NoProgress)?.ppl;
+    Ok(s)
+}
+
+/// Mean, min and max of some values.
+fn spread(v: &[f64]) -> (f64, f64, f64) {
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().sum::<f64>() / n;
+    let lo = v.iter().cloned().fold(f64::INFINITY, f64::min);
+    let hi = v.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+    (mean, lo, hi)
+}
+
+/// "m (lo–hi)" for a share in percent, or just "m" when all agree.
+fn pct(v: &[f64]) -> String {
+    let (m, lo, hi) = spread(v);
+    if hi - lo < 1e-9 {
+        format!("{:.0}%", 100.0 * m)
+    } else {
+        format!("{:.0}% ({:.0}–{:.0})", 100.0 * m, 100.0 * lo, 100.0 * hi)
+    }
+}
+
+/// Mean (± half-range) with `d` decimals.
+fn num(v: &[f64], d: usize) -> String {
+    let (m, lo, hi) = spread(v);
+    if hi - lo < 1e-9 {
+        format!("{m:.d$}")
+    } else {
+        format!("{m:.d$} ± {:.d$}", (hi - lo) / 2.0)
+    }
+}
+
+/// The experiment context: paths, the loaded models and timings.
+struct Lab {
+    dir: PathBuf,
+    work: PathBuf,
+    threads: Option<usize>,
+    domains: [facts::Domain; 2],
+    base: PathBuf,
+    experts: [PathBuf; 2],
+    timings: Vec<(String, f64)>,
+    json: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Lab {
+    fn session_opts(&self, n_ctx: u32) -> SessionOptions {
+        SessionOptions {
+            n_ctx,
+            n_batch: n_ctx,
+            threads: self.threads,
+        }
+    }
+
+    /// A delta pack of `expert` against `base` (cached in the work directory).
+    #[allow(clippy::too_many_arguments)]
+    fn pack(
+        &self,
+        base: &Path,
+        expert: &Path,
+        tag: &str,
+        sparsify: Sparsify,
+        density: f64,
+        rescale: Rescale,
+        seed: u64,
+        stream: u32,
+    ) -> Result<(PathBuf, Option<ExtractReport>)> {
+        let name = format!(
+            "{tag}-{}-{density}-{}-s{seed}-{stream}.dpk.gguf",
+            match sparsify {
+                Sparsify::Dare => "dare",
+                Sparsify::Magnitude => "magnitude",
+                Sparsify::Della => "della",
+            },
+            rescale.name()
+        );
+        let out = self.work.join(name);
+        if out.exists() {
+            return Ok((out, None));
+        }
+        let opts = ExtractOptions {
+            density,
+            sparsify,
+            values: GgmlType::F16,
+            seed,
+            stream,
+            rescale,
+            threads: self.threads,
+            ..Default::default()
+        };
+        let report = extract_delta(base, expert, &out, &opts, &NoProgress)
+            .with_context(|| format!("extracting {}", out.display()))?;
+        Ok((out, Some(report)))
+    }
+
+    /// Scores both domains (or only `only`) with `packs` at `weights` applied to `model`.
+    fn evaluate(
+        &self,
+        model: &Model,
+        base: &Path,
+        packs: &[PathBuf],
+        weights: &[f64],
+        method: Method,
+        only: Option<usize>,
+    ) -> Result<[Option<Score>; 2]> {
+        let experts = packs.iter().map(Expert::from_path).collect();
+        let mut s = ExpertSession::new(
+            model,
+            base,
+            experts,
+            weights,
+            method,
+            &self.session_opts(N_CTX),
+            self.threads,
+            0,
+        )?;
+        let mut out = [None, None];
+        for (i, d) in self.domains.iter().enumerate() {
+            if only.map_or(true, |o| o == i) {
+                out[i] = Some(score(s.session(), d)?);
+            }
+        }
+        // Back to the base weights for the next configuration.
+        let zeros = vec![0.0; packs.len()];
+        s.set_mixture(&zeros)?;
+        Ok(out)
+    }
+
+    /// Scores of the plain model at `path` (a merged file), both domains.
+    fn evaluate_file(&self, path: &Path) -> Result<[Score; 2]> {
+        let model = Model::load(path, &ModelOptions::default())?;
+        let mut s = model.session(&self.session_opts(N_CTX))?;
+        let a = score(&mut s, &self.domains[0])?;
+        let b = score(&mut s, &self.domains[1])?;
+        Ok([a, b])
+    }
+
+    fn time(&mut self, what: &str, started: Instant) {
+        let s = started.elapsed().as_secs_f64();
+        eprintln!("[{s:7.1} s] {what}");
+        self.timings.push((what.to_string(), s));
+    }
+}
+
+fn mixture_config(base: &Path, models: &[(&Path, f64)], method: Method) -> MergeConfig {
+    let mut cfg = MergeConfig::new(method, ConfigSource::Cli);
+    cfg.base_model = Some(base.display().to_string());
+    for (p, w) in models {
+        let mut e = ModelEntry::new(p.display().to_string());
+        e.parameters.set("weight", ParamValue::Number(*w));
+        cfg.models.push(e);
+    }
+    cfg
+}
+
+fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
+    let work = dir.join("work");
+    std::fs::create_dir_all(&work)?;
+    let mut lab = Lab {
+        dir: dir.to_path_buf(),
+        work,
+        threads,
+        domains: facts::domains(FACTS, DATA_SEED),
+        base: dir.join("smollm2-135m-f32.gguf"),
+        experts: [
+            dir.join("expert-capitals.gguf"),
+            dir.join("expert-birthplaces.gguf"),
+        ],
+        timings: Vec::new(),
+        json: serde_json::Map::new(),
+    };
+    for p in std::iter::once(&lab.base).chain(&lab.experts) {
+        if !p.exists() {
+            return Err(anyhow!(
+                "{} is missing: run scripts/experiments.sh",
+                p.display()
+            ));
+        }
+    }
+    let mut md = String::new();
+    let base = lab.base.clone();
+    let model = Model::load(&base, &ModelOptions::default())?;
+    let names = [lab.domains[0].name, lab.domains[1].name];
+
+    // 0. Baselines: the base and each expert alone (density-1 packs: the exact fine-tune).
+    let t = Instant::now();
+    let mut dense = Vec::new();
+    for (i, e) in lab.experts.clone().iter().enumerate() {
+        dense.push(
+            lab.pack(
+                &base,
+                e,
+                "f32",
+                Sparsify::Dare,
+                1.0,
+                Rescale::Inverse,
+                0,
+                i as u32,
+            )?
+            .0,
+        );
+    }
+    let base_scores = lab.evaluate(
+        &model,
+        &base,
+        &dense,
+        &[0.0, 0.0],
+        Method::TaskArithmetic,
+        None,
+    )?;
+    let alone = [
+        lab.evaluate(
+            &model,
+            &base,
+            &dense,
+            &[1.0, 0.0],
+            Method::TaskArithmetic,
+            None,
+        )?,
+        lab.evaluate(
+            &model,
+            &base,
+            &dense,
+            &[0.0, 1.0],
+            Method::TaskArithmetic,
+            None,
+        )?,
+    ];
+    lab.time("baselines: base and each expert alone", t);
+    let sc = |s: &[Option<Score>; 2], i: usize| s[i].unwrap_or_default();
+    writeln!(md, "## 0. The experts\n")?;
+    writeln!(md, "| model | {} exact | {} exact | {} answer log-lik./token | {} answer log-lik./token | {} held-out log-lik. | {} held-out log-lik. | {} held-out ppl | {} held-out ppl |", names[0], names[1], names[0], names[1], names[0], names[1], names[0], names[1])?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
+    let mut row0 = |label: &str, s: &[Option<Score>; 2]| -> Result<()> {
+        let (a, b) = (sc(s, 0), sc(s, 1));
+        writeln!(
+            md,
+            "| {label} | {:.0}% | {:.0}% | {:.2} | {:.2} | {:.2} | {:.2} | {:.1} | {:.1} |",
+            100.0 * a.exact,
+            100.0 * b.exact,
+            a.logprob,
+            b.logprob,
+            a.heldout_logprob,
+            b.heldout_logprob,
+            a.ppl,
+            b.ppl
+        )?;
+        Ok(())
+    };
+    row0("base (SmolLM2-135M-Instruct, F32)", &base_scores)?;
+    row0(&format!("{} expert", names[0]), &alone[0])?;
+    row0(&format!("{} expert", names[1]), &alone[1])?;
+    writeln!(md)?;
+    lab.json.insert(
+        "baselines".into(),
+        json!({
+            "base": [sc(&base_scores, 0).exact, sc(&base_scores, 1).exact],
+            names[0]: [sc(&alone[0], 0).exact, sc(&alone[0], 1).exact],
+            names[1]: [sc(&alone[1], 0).exact, sc(&alone[1], 1).exact],
+        }),
+    );
+
+    // 1. Drop-rate curve per expert, with and without rescale.
+    let t = Instant::now();
+    // (expert, rescale, density, scores over seeds, pack bytes)
+    type CurvePoint = (usize, Rescale, f64, Vec<Score>, Option<u64>);
+    let mut curve: Vec<CurvePoint> = Vec::new();
+    for (i, e) in lab.experts.clone().iter().enumerate() {
+        for rescale in [Rescale::Inverse, Rescale::None] {
+            for &d in densities() {
+                let seeds: &[u64] = if d >= 1.0 { &[0] } else { seeds() };
+                let mut scores = Vec::new();
+                let mut bytes = None;
+                for &seed in seeds {
+                    let (p, _) =
+                        lab.pack(&base, e, "f32", Sparsify::Dare, d, rescale, seed, i as u32)?;
+                    bytes = Some(std::fs::metadata(&p)?.len());
+                    let mut w = vec![0.0; 2];
+                    w[i] = 1.0;
+                    let mut packs = dense.clone();
+                    packs[i] = p;
+                    let s =
+                        lab.evaluate(&model, &base, &packs, &w, Method::TaskArithmetic, Some(i))?;
+                    scores.push(sc(&s, i));
+                }
+                curve.push((i, rescale, d, scores, bytes));
+            }
+        }
+    }
+    lab.time("1. drop-rate curves", t);
+    writeln!(
+        md,
+        "## 1. Drop rate: ability vs. density, with and without rescale\n"
+    )?;
+    writeln!(md, "Each expert's own domain, DARE pack (F16 values) of the F32 fine-tune applied at weight 1 to the F32 base; mean over seeds {SEEDS:?} with (min–max).\n")?;
+    writeln!(md, "| expert | rescale | density | exact match | answer log-lik./token | held-out log-lik./token | held-out ppl |")?;
+    writeln!(md, "|---|---|---|---|---|---|---|")?;
+    for (i, r, d, s, _) in &curve {
+        let ex: Vec<f64> = s.iter().map(|x| x.exact).collect();
+        let lp: Vec<f64> = s.iter().map(|x| x.logprob).collect();
+        let hl: Vec<f64> = s.iter().map(|x| x.heldout_logprob).collect();
+        let pp: Vec<f64> = s.iter().map(|x| x.ppl).collect();
+        writeln!(
+            md,
+            "| {} | {} | {d} | {} | {} | {} | {} |",
+            names[*i],
+            r.name(),
+            pct(&ex),
+            num(&lp, 2),
+            num(&hl, 2),
+            num(&pp, 1)
+        )?;
+    }
+    writeln!(
+        md,
+        "\n![exact match and answer log-likelihood vs. density](results-density.png)\n"
+    )?;
+    let mut series_exact = Vec::new();
+    let mut series_lp = Vec::new();
+    for (i, name) in names.iter().enumerate() {
+        for rescale in [Rescale::Inverse, Rescale::None] {
+            let label = format!("{name} expert, rescale {}", rescale.name());
+            let pts = |f: &dyn Fn(&Score) -> f64| -> Vec<(f64, f64, f64, f64)> {
+                curve
+                    .iter()
+                    .filter(|c| c.0 == i && c.1 == rescale)
+                    .map(|c| {
+                        let v: Vec<f64> = c.3.iter().map(f).collect();
+                        let (m, lo, hi) = spread(&v);
+                        (c.2, m, lo, hi)
+                    })
+                    .collect()
+            };
+            series_exact.push(plot::Series {
+                label: label.clone(),
+                points: pts(&|s| 100.0 * s.exact),
+            });
+            series_lp.push(plot::Series {
+                label,
+                points: pts(&|s| s.logprob),
+            });
+        }
+    }
+    let lp_min = series_lp
+        .iter()
+        .flat_map(|s| s.points.iter().map(|p| p.2))
+        .fold(0.0f64, f64::min);
+    if let Some(font) = plot::find_font() {
+        plot::draw_png(
+            &Path::new("docs").join("results-density.png"),
+            &font,
+            &[
+                plot::Chart {
+                    title: "Exact match vs. DARE density",
+                    x_label: "density (kept fraction)",
+                    y_label: "exact match (%)",
+                    log_x: true,
+                    y_range: (0.0, 100.0),
+                    series: &series_exact,
+                },
+                plot::Chart {
+                    title: "Answer log-likelihood vs. DARE density",
+                    x_label: "density (kept fraction)",
+                    y_label: "log-likelihood per answer token",
+                    log_x: true,
+                    y_range: ((lp_min * 1.1).floor(), 0.0),
+                    series: &series_lp,
+                },
+            ],
+        )?;
+    } else {
+        eprintln!(
+            "no DejaVu Sans font found: the plot is not drawn (apt-get install fonts-dejavu-core)"
+        );
+    }
+
+    // 2. Merging both experts into the base.
+    let t = Instant::now();
+    writeln!(md, "## 2. Merging the two experts into the base\n")?;
+    writeln!(md, "Both experts at the same weight w (λ = 1), F32; each ability of the merged model. DARE/DELLA at density 0.1 (mean over seeds {SEEDS:?}), TIES trims to the top 20% magnitudes. Alone: {} {} / {} {}.\n", names[0], pct(&[sc(&alone[0], 0).exact]), names[1], pct(&[sc(&alone[1], 1).exact]))?;
+    writeln!(
+        md,
+        "| method | w | {} exact | {} exact | {} log-lik. | {} log-lik. |",
+        names[0], names[1], names[0], names[1]
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
+    let mut merged_json = Vec::new();
+    let methods: [(&str, Sparsify, f64, Method, bool); 5] = [
+        (
+            "task_arithmetic",
+            Sparsify::Dare,
+            1.0,
+            Method::TaskArithmetic,
+            false,
+        ),
+        ("ties", Sparsify::Magnitude, 0.2, Method::Ties, false),
+        (
+            "dare_linear",
+            Sparsify::Dare,
+            0.1,
+            Method::TaskArithmetic,
+            true,
+        ),
+        ("dare_ties", Sparsify::Dare, 0.1, Method::DareTies, true),
+        ("della", Sparsify::Della, 0.1, Method::DareTies, true),
+    ];
+    for &(label, sparsify, density, method, random) in &methods {
+        for &w in pick(&[0.75, 0.5, 1.0]) {
+            let seeds: &[u64] = if random { seeds() } else { &[0] };
+            let mut per = [Vec::new(), Vec::new()];
+            for &seed in seeds {
+                let mut packs = Vec::new();
+                for (i, e) in lab.experts.clone().iter().enumerate() {
+                    packs.push(
+                        lab.pack(
+                            &base,
+                            e,
+                            "f32",
+                            sparsify,
+                            density,
+                            Rescale::Inverse,
+                            seed,
+                            i as u32,
+                        )?
+                        .0,
+                    );
+                }
+                let s = lab.evaluate(&model, &base, &packs, &[w, w], method, None)?;
+                per[0].push(sc(&s, 0));
+                per[1].push(sc(&s, 1));
+            }
+            let ex = |i: usize| per[i].iter().map(|s| s.exact).collect::<Vec<_>>();
+            let lp = |i: usize| per[i].iter().map(|s| s.logprob).collect::<Vec<_>>();
+            writeln!(
+                md,
+                "| {label} | {w} | {} | {} | {} | {} |",
+                pct(&ex(0)),
+                pct(&ex(1)),
+                num(&lp(0), 2),
+                num(&lp(1), 2)
+            )?;
+            merged_json.push(
+                json!({"method": label, "w": w, "exact": [spread(&ex(0)).0, spread(&ex(1)).0]}),
+            );
+        }
+    }
+    writeln!(md)?;
+    lab.json
+        .insert("merge".into(), serde_json::Value::Array(merged_json));
+    lab.time("2. merges", t);
+
+    // 3. Quantized base and experts.
+    let t = Instant::now();
+    writeln!(md, "## 3. Quantized before merging\n")?;
+    writeln!(md, "Base and experts quantized with `ggmerge quantize` first; packs extracted from the quantized pair and applied to the quantized base (w = 1 alone, the merge at w = 0.75; DARE density 0.1, mean over seeds).\n")?;
+    writeln!(
+        md,
+        "| type | configuration | {} exact | {} exact | {} log-lik. | {} log-lik. |",
+        names[0], names[1], names[0], names[1]
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
+    for &ty in pick(&["F32", "Q8_0", "Q4_K_M"]) {
+        let (qbase, qexperts) = if ty == "F32" {
+            (base.clone(), lab.experts.clone())
+        } else {
+            let q = |p: &Path, tag: &str| -> Result<PathBuf> {
+                let out = lab.work.join(format!("{tag}-{ty}.gguf"));
+                if !out.exists() {
+                    let opts = QuantizeOptions {
+                        target: Target::parse(ty, false)?,
+                        threads: lab.threads,
+                    };
+                    quantize_model(p, &out, &opts, &NoProgress)?;
+                }
+                Ok(out)
+            };
+            (
+                q(&base, "base")?,
+                [
+                    q(&lab.experts[0], "capitals")?,
+                    q(&lab.experts[1], "birthplaces")?,
+                ],
+            )
+        };
+        let qmodel = if ty == "F32" {
+            None
+        } else {
+            Some(Model::load(&qbase, &ModelOptions::default())?)
+        };
+        let m = qmodel.as_ref().unwrap_or(&model);
+        let tag = if ty == "F32" {
+            "f32".to_string()
+        } else {
+            format!("q{ty}")
+        };
+        let mut qdense = Vec::new();
+        for (i, e) in qexperts.iter().enumerate() {
+            qdense.push(
+                lab.pack(
+                    &qbase,
+                    e,
+                    &tag,
+                    Sparsify::Dare,
+                    1.0,
+                    Rescale::Inverse,
+                    0,
+                    i as u32,
+                )?
+                .0,
+            );
+        }
+        let configs: [(&str, [f64; 2], Method, bool); 4] = [
+            ("capitals alone", [1.0, 0.0], Method::TaskArithmetic, false),
+            (
+                "birthplaces alone",
+                [0.0, 1.0],
+                Method::TaskArithmetic,
+                false,
+            ),
+            (
+                "task_arithmetic w = 0.75",
+                [0.75, 0.75],
+                Method::TaskArithmetic,
+                false,
+            ),
+            ("dare_ties w = 0.75", [0.75, 0.75], Method::DareTies, true),
+        ];
+        for (label, w, method, random) in configs {
+            let seeds: &[u64] = if random { seeds() } else { &[0] };
+            let mut per = [Vec::new(), Vec::new()];
+            for &seed in seeds {
+                let packs = if random {
+                    let mut v = Vec::new();
+                    for (i, e) in qexperts.iter().enumerate() {
+                        v.push(
+                            lab.pack(
+                                &qbase,
+                                e,
+                                &tag,
+                                Sparsify::Dare,
+                                0.1,
+                                Rescale::Inverse,
+                                seed,
+                                i as u32,
+                            )?
+                            .0,
+                        );
+                    }
+                    v
+                } else {
+                    qdense.clone()
+                };
+                let s = lab.evaluate(m, &qbase, &packs, &w, method, None)?;
+                per[0].push(sc(&s, 0));
+                per[1].push(sc(&s, 1));
+            }
+            let ex = |i: usize| per[i].iter().map(|s| s.exact).collect::<Vec<_>>();
+            let lp = |i: usize| per[i].iter().map(|s| s.logprob).collect::<Vec<_>>();
+            writeln!(
+                md,
+                "| {ty} | {label} | {} | {} | {} | {} |",
+                pct(&ex(0)),
+                pct(&ex(1)),
+                num(&lp(0), 2),
+                num(&lp(1), 2)
+            )?;
+        }
+    }
+    writeln!(md)?;
+    lab.time("3. quantized merges", t);
+
+    // 4. Requantization of the merged F32 model.
+    let t = Instant::now();
+    writeln!(md, "## 4. Requantizing the merge\n")?;
+    writeln!(md, "`ggmerge merge` of the F32 base and experts (w = 0.75 each) written as a quantized model (`--type`); retention = ⟨q(merged) − base, Δ⟩ / ⟨Δ, Δ⟩ over all merged tensors (weighted by tensor); seed 1.\n")?;
+    writeln!(md, "| output type | method | density | retention | {} exact | {} exact | {} log-lik. | {} log-lik. |", names[0], names[1], names[0], names[1])?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    for &ty in pick(&["Q8_0", "Q4_1", "Q4_K_M"]) {
+        for &(method, density) in pick(&[
+            (Method::TaskArithmetic, 1.0),
+            (Method::DareTies, 0.1),
+            (Method::DareTies, 0.3),
+            (Method::DareTies, 0.03),
+        ]) {
+            let mut cfg = mixture_config(
+                &base,
+                &[(&lab.experts[0], 0.75), (&lab.experts[1], 0.75)],
+                method,
+            );
+            if density < 1.0 {
+                cfg.parameters.set("density", ParamValue::Number(density));
+            }
+            cfg.seed = Some(1);
+            let out = lab
+                .work
+                .join(format!("merged-{ty}-{}-{density}.gguf", method.name()));
+            let opts = MergeOptions {
+                output: out.clone(),
+                out_type: Some(ty.to_string()),
+                seed: None,
+                threads: lab.threads,
+            };
+            let report = merge_models(&cfg, &opts, &NoProgress)?;
+            let total: f64 = report
+                .retention
+                .iter()
+                .map(|r| r.retention * r.tensors as f64)
+                .sum::<f64>()
+                / report
+                    .retention
+                    .iter()
+                    .map(|r| r.tensors as f64)
+                    .sum::<f64>()
+                    .max(1.0);
+            let s = lab.evaluate_file(&out)?;
+            writeln!(
+                md,
+                "| {ty} | {} | {density} | {:.0}% | {:.0}% | {:.0}% | {:.2} | {:.2} |",
+                method.name(),
+                100.0 * total,
+                100.0 * s[0].exact,
+                100.0 * s[1].exact,
+                s[0].logprob,
+                s[1].logprob
+            )?;
+            std::fs::remove_file(&out).ok();
+        }
+    }
+    writeln!(md)?;
+    lab.time("4. requantized merges", t);
+
+    // 5. Packs: size, and run-time application vs. the merged file.
+    let t = Instant::now();
+    writeln!(md, "## 5. Delta packs\n")?;
+    let expert_bytes = std::fs::metadata(&lab.experts[0])?.len();
+    writeln!(md, "Pack size (F16 values, DARE, rescale inverse) of the {} expert; the fine-tune itself is {:.1} MiB (F32).\n", names[0], expert_bytes as f64 / 1048576.0)?;
+    writeln!(md, "| density | pack | pack / fine-tune |")?;
+    writeln!(md, "|---|---|---|")?;
+    for (i, r, d, _, bytes) in &curve {
+        if *i == 0 && *r == Rescale::Inverse {
+            if let Some(b) = bytes {
+                writeln!(
+                    md,
+                    "| {d} | {:.1} MiB | {:.1}% |",
+                    *b as f64 / 1048576.0,
+                    100.0 * *b as f64 / expert_bytes as f64
+                )?;
+            }
+        }
+    }
+    let mut packs = Vec::new();
+    for (i, e) in lab.experts.clone().iter().enumerate() {
+        packs.push(
+            lab.pack(
+                &base,
+                e,
+                "f32",
+                Sparsify::Dare,
+                0.1,
+                Rescale::Inverse,
+                1,
+                i as u32,
+            )?
+            .0,
+        );
+    }
+    let mut es = ExpertSession::new(
+        &model,
+        &base,
+        packs.iter().map(Expert::from_path).collect(),
+        &[0.75, 0.75],
+        Method::DareTies,
+        &lab.session_opts(PPL_CTX),
+        lab.threads,
+        0,
+    )?;
+    let text = format!(
+        "{}\n{}",
+        lab.domains[0].heldout_text(),
+        lab.domains[1].heldout_text()
+    );
+    let run_ppl = es.session().perplexity(&text, &NoProgress)?.ppl;
+    es.set_mixture(&[0.0, 0.0])?;
+    drop(es);
+    let out = lab.work.join("applied.gguf");
+    let cfg = mixture_config(
+        &base,
+        &[(&packs[0], 0.75), (&packs[1], 0.75)],
+        Method::DareTies,
+    );
+    merge_models(
+        &cfg,
+        &MergeOptions {
+            output: out.clone(),
+            out_type: None,
+            seed: None,
+            threads: lab.threads,
+        },
+        &NoProgress,
+    )?;
+    let applied = Model::load(&out, &ModelOptions::default())?;
+    let file_ppl = applied
+        .session(&lab.session_opts(PPL_CTX))?
+        .perplexity(&text, &NoProgress)?
+        .ppl;
+    drop(applied);
+    std::fs::remove_file(&out).ok();
+    writeln!(md, "\nBoth experts at 0.75 (dare_ties packs, density 0.1): perplexity of the held-out texts with `run --expert` (applied at load time) {run_ppl:.4}, with the `apply`-ed file loaded by llama.cpp {file_ppl:.4} (relative difference {:.1e}).\n", (run_ppl - file_ppl).abs() / file_ppl)?;
+    lab.json.insert(
+        "packs".into(),
+        json!({"run_ppl": run_ppl, "file_ppl": file_ppl}),
+    );
+    lab.time("5. packs", t);
+
+    // Wall times.
+    writeln!(md, "## Wall time of each step\n")?;
+    writeln!(md, "| step | seconds |")?;
+    writeln!(md, "|---|---|")?;
+    for (what, s) in &lab.timings {
+        writeln!(md, "| {what} | {s:.0} |")?;
+    }
+    for d in ["capitals", "birthplaces"] {
+        if let Ok(s) = std::fs::read_to_string(lab.dir.join(format!("finetune-{d}.seconds"))) {
+            writeln!(md, "| fine-tuning the {d} expert | {} |", s.trim())?;
+        }
+    }
+    writeln!(md)?;
+    write_generated(Path::new("docs/results.md"), &md)?;
+    write(
+        Path::new("docs/results.json"),
+        &serde_json::to_string_pretty(&serde_json::Value::Object(lab.json))?,
+    )?;
+    Ok(())
+}
+
+/// Marks the generated part of docs/results.md; the text around it is written by hand.
+const BEGIN: &str = "<!-- BEGIN GENERATED by scripts/experiments.sh: do not edit -->";
+const END: &str = "<!-- END GENERATED -->";
+
+/// Replaces the generated part of `path` (between [`BEGIN`] and [`END`]) with `tables`, keeping
+/// the hand-written text around it; creates the file if needed.
+fn write_generated(path: &Path, tables: &str) -> Result<()> {
+    let old = std::fs::read_to_string(path).unwrap_or_default();
+    let (head, tail) = match (old.find(BEGIN), old.find(END)) {
+        (Some(b), Some(e)) if b < e => (old[..b].to_string(), old[e + END.len()..].to_string()),
+        _ => ("# Results\n\n".to_string(), "\n".to_string()),
+    };
+    write(path, &format!("{head}{BEGIN}\n\n{tables}{END}{tail}"))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = match args.as_slice() {
+        [cmd, dir] if cmd == "data" => data(&PathBuf::from(dir).join("data")),
+        [cmd, dir, rest @ ..] if cmd == "run" => {
+            let threads = match rest {
+                [] => Ok(None),
+                [t, n] if t == "-t" => n
+                    .parse()
+                    .map(Some)
+                    .map_err(|_| anyhow!("-t {n:?}: not a number")),
+                _ => Err(anyhow!("usage: experiments run DIR [-t N]")),
+            };
+            threads.and_then(|t| run(&PathBuf::from(dir), t))
+        }
+        _ => Err(anyhow!(
+            "usage: experiments data DIR | experiments run DIR [-t N]"
+        )),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("experiments: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,105 @@
+//! Knowledge evaluation: score a model (base plus expert mixture, or any loaded session) on
+//! question/answer pairs by greedy exact match and answer log-likelihood
+//! ([`Session::score_answer`]). `ggmerge eval` is the CLI over it; the experiments of
+//! docs/results.md use the same scoring.
+//!
+//! Questions come as JSON Lines, one object per line with a `prompt` and the expected
+//! `answer` (with its leading space, as the model would continue the prompt):
+//!
+//! ```text
+//! {"prompt": "Question: What is the capital of France?\nAnswer:", "answer": " Paris"}
+//! ```
+
+use std::path::Path;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+use crate::progress::Progress;
+use crate::runtime::{AnswerScore, Session};
+
+/// One evaluation item.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct Question {
+    /// The prompt the model continues.
+    pub prompt: String,
+    /// The expected continuation; a newline (or end of generation) must follow it.
+    pub answer: String,
+}
+
+/// Reads questions from a JSON Lines file (blank lines are skipped); a malformed line is an
+/// error naming the file and the line.
+pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| Error::Invalid(format!("{}: cannot read: {e}", path.display())))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let q: Question = serde_json::from_str(line).map_err(|e| {
+            Error::Invalid(format!(
+                "{}:{}: not a {{\"prompt\": …, \"answer\": …}} object: {e}",
+                path.display(),
+                i + 1
+            ))
+        })?;
+        if q.answer.is_empty() {
+            return Err(Error::Invalid(format!(
+                "{}:{}: the answer is empty",
+                path.display(),
+                i + 1
+            )));
+        }
+        out.push(q);
+    }
+    if out.is_empty() {
+        return Err(Error::Invalid(format!(
+            "{}: no questions in the file",
+            path.display()
+        )));
+    }
+    Ok(out)
+}
+
+/// Scores of a question set.
+#[derive(Clone, Debug, PartialEq)]
+pub struct EvalReport {
+    /// Per question, in order.
+    pub scores: Vec<AnswerScore>,
+    /// Questions answered exactly.
+    pub exact: usize,
+    /// Mean log-likelihood per answer token over all questions.
+    pub logprob_per_token: f64,
+}
+
+impl EvalReport {
+    /// Share of questions answered exactly.
+    pub fn exact_share(&self) -> f64 {
+        self.exact as f64 / self.scores.len().max(1) as f64
+    }
+}
+
+/// Scores every question with `session` (clearing its memory before each).
+/// `progress` gets `start(n)`, `advance(1)` per question, `finish()`.
+pub fn evaluate(
+    session: &mut Session<'_>,
+    questions: &[Question],
+    progress: &dyn Progress,
+) -> Result<EvalReport> {
+    progress.start(questions.len() as u64);
+    let mut scores = Vec::with_capacity(questions.len());
+    for q in questions {
+        scores.push(session.score_answer(&q.prompt, &q.answer)?);
+        progress.advance(1);
+    }
+    progress.finish();
+    let exact = scores.iter().filter(|s| s.exact).count();
+    let tokens: usize = scores.iter().map(|s| s.tokens).sum();
+    let logprob: f64 = scores.iter().map(|s| s.logprob).sum();
+    Ok(EvalReport {
+        exact,
+        logprob_per_token: logprob / tokens.max(1) as f64,
+        scores,
+    })
+}
