@@ -348,7 +348,7 @@ impl DeltaPack {
     }
 
     /// Drops the pages of base tensor `name`'s stored delta from the process's resident set
-    /// until it is read again (see [`crate::format::ModelSource::release`]).
+    /// until it is read again (see [`crate::format::source::ModelSource::release`]).
     pub fn release(&self, name: &str) {
         self.file
             .release_tensor(&format!("{name}{VALUES_SUFFIX}"), 0..usize::MAX);

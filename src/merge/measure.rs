@@ -2,7 +2,7 @@
 //! finiteness check of every input chunk.
 //!
 //! These run over every element of every merged chunk, so they are written as fixed-order
-//! lane reductions: [`LANES`] independent accumulators, element `j` going to lane `j % LANES`,
+//! lane reductions: `LANES` independent accumulators, element `j` going to lane `j % LANES`,
 //! combined in lane order at the end. The order depends only on the slice, never on threads,
 //! so the report is deterministic; the independent lanes let the compiler vectorize the loops
 //! (a single running `f64` sum is a serial chain of dependent adds, several times slower).

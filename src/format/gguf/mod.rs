@@ -88,7 +88,7 @@ impl GgufFile {
         &self.map.bytes()[start..start + t.nbytes as usize]
     }
     /// Drops the pages of bytes `part` (clamped) of tensor `i`'s data from the process's
-    /// resident set until they are read again (see [`MappedFile::release`]).
+    /// resident set until they are read again (see `MappedFile::release`).
     pub fn release_tensor(&self, i: usize, part: Range<usize>) {
         let data = self.tensor_data(i);
         let end = part.end.min(data.len());
@@ -262,7 +262,7 @@ impl GgufModel {
     }
     /// Drops the pages of bytes `part` (clamped) of the tensor named `name` from the process's
     /// resident set until they are read again (no-op for unknown names; see
-    /// [`MappedFile::release`]).
+    /// `MappedFile::release`).
     pub fn release_tensor(&self, name: &str, part: Range<usize>) {
         if let Some(&i) = self.by_name.get(name) {
             let (s, t) = self.order[i];
