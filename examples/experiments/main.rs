@@ -175,6 +175,21 @@ fn num(v: &[f64], d: usize) -> String {
     }
 }
 
+/// Table cells "exact 0 | exact 1 | log-lik. 0 | log-lik. 1" of both domains' scores over
+/// seeds, and the mean exact-match share of each.
+fn both_domains(per: &[Vec<Score>; 2]) -> (String, [f64; 2]) {
+    let ex = |i: usize| per[i].iter().map(|s| s.exact).collect::<Vec<_>>();
+    let lp = |i: usize| per[i].iter().map(|s| s.logprob).collect::<Vec<_>>();
+    let cells = format!(
+        "{} | {} | {} | {}",
+        pct(&ex(0)),
+        pct(&ex(1)),
+        num(&lp(0), 2),
+        num(&lp(1), 2)
+    );
+    (cells, [spread(&ex(0)).0, spread(&ex(1)).0])
+}
+
 /// The experiment context: paths, the loaded models and timings.
 struct Lab {
     dir: PathBuf,
@@ -573,19 +588,9 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
                 per[0].push(sc(&s, 0));
                 per[1].push(sc(&s, 1));
             }
-            let ex = |i: usize| per[i].iter().map(|s| s.exact).collect::<Vec<_>>();
-            let lp = |i: usize| per[i].iter().map(|s| s.logprob).collect::<Vec<_>>();
-            writeln!(
-                md,
-                "| {label} | {w} | {} | {} | {} | {} |",
-                pct(&ex(0)),
-                pct(&ex(1)),
-                num(&lp(0), 2),
-                num(&lp(1), 2)
-            )?;
-            merged_json.push(
-                json!({"method": label, "w": w, "exact": [spread(&ex(0)).0, spread(&ex(1)).0]}),
-            );
+            let (cells, exact) = both_domains(&per);
+            writeln!(md, "| {label} | {w} | {cells} |")?;
+            merged_json.push(json!({"method": label, "w": w, "exact": exact}));
         }
     }
     writeln!(md)?;
@@ -698,16 +703,7 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
                 per[0].push(sc(&s, 0));
                 per[1].push(sc(&s, 1));
             }
-            let ex = |i: usize| per[i].iter().map(|s| s.exact).collect::<Vec<_>>();
-            let lp = |i: usize| per[i].iter().map(|s| s.logprob).collect::<Vec<_>>();
-            writeln!(
-                md,
-                "| {ty} | {label} | {} | {} | {} | {} |",
-                pct(&ex(0)),
-                pct(&ex(1)),
-                num(&lp(0), 2),
-                num(&lp(1), 2)
-            )?;
+            writeln!(md, "| {ty} | {label} | {} |", both_domains(&per).0)?;
         }
     }
     writeln!(md)?;
