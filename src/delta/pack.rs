@@ -144,17 +144,22 @@ impl DeltaPack {
     /// Whether `path` is a GGUF file whose `general.type` says it is a pack.
     pub fn is_pack(path: &Path) -> bool {
         crate::format::gguf::is_gguf_file(path)
-            && GgufModel::open(path)
-                .map(|m| {
-                    m.metadata().get("general.type").and_then(Value::as_str) == Some(PACK_TYPE)
-                })
-                .unwrap_or(false)
+            && GgufModel::open(path).is_ok_and(|m| DeltaPack::is_pack_file(&m))
+    }
+
+    /// Whether an opened GGUF file's `general.type` says it is a pack.
+    pub fn is_pack_file(file: &GgufModel) -> bool {
+        file.metadata().get("general.type").and_then(Value::as_str) == Some(PACK_TYPE)
     }
 
     /// Opens and validates a pack.
     pub fn open(path: impl AsRef<Path>) -> Result<DeltaPack> {
         let path = path.as_ref();
-        let file = GgufModel::open(path)?;
+        DeltaPack::from_file(path, GgufModel::open(path)?)
+    }
+
+    /// Validates an opened GGUF file (read from `path`) as a pack.
+    pub fn from_file(path: &Path, file: GgufModel) -> Result<DeltaPack> {
         let md = file.metadata();
         let s = |k: &str| -> Result<String> {
             md.get(k)

@@ -352,16 +352,32 @@ pub fn plan_merge_with_packs(
     };
     let reference = open_model(&base_path, None)?;
     let fallback = reference.metadata().and_then(HfConfig::from_gguf_metadata);
+    // Each input is parsed once, all of them concurrently: a GGUF header with a 50k-token
+    // vocabulary takes milliseconds to read, serial time before any tensor is merged.
+    let opened: Vec<Result<MergeInput>> = config
+        .models
+        .par_iter()
+        .map(|m| {
+            let path = Path::new(&m.model);
+            if let Some(p) = open.iter().find(|p| p.path() == path) {
+                return Ok(MergeInput::Pack(Arc::clone(p)));
+            }
+            if is_gguf_file(path) {
+                let file = GgufModel::open(path)?;
+                return Ok(if DeltaPack::is_pack_file(&file) {
+                    MergeInput::Pack(Arc::new(DeltaPack::from_file(path, file)?))
+                } else {
+                    MergeInput::Model(Box::new(file))
+                });
+            }
+            Ok(MergeInput::Model(open_model(path, fallback.as_ref())?))
+        })
+        .collect();
     let mut base_fingerprint: Option<String> = None;
     let mut models = Vec::with_capacity(config.models.len());
-    for m in &config.models {
-        let path = Path::new(&m.model);
-        let opened = open.iter().find(|p| p.path() == path).cloned();
-        if opened.is_some() || DeltaPack::is_pack(path) {
-            let pack = match opened {
-                Some(p) => p,
-                None => Arc::new(DeltaPack::open(path)?),
-            };
+    for input in opened {
+        let input = input?;
+        if let MergeInput::Pack(pack) = &input {
             if base_fingerprint.is_none() {
                 base_fingerprint = Some(fingerprint(reference.as_ref())?);
             }
@@ -380,10 +396,8 @@ pub fn plan_merge_with_packs(
                     reference.path().display()
                 )));
             }
-            models.push(MergeInput::Pack(pack));
-        } else {
-            models.push(MergeInput::Model(open_model(path, fallback.as_ref())?));
         }
+        models.push(input);
     }
     let to_gguf = opts
         .output
@@ -641,7 +655,8 @@ pub fn merge_models(
     progress: &dyn Progress,
 ) -> Result<MergeReport> {
     let started = Instant::now();
-    let plan = plan_merge(config, opts)?;
+    // Planning opens the inputs concurrently: on the merge's own threads (`-t`).
+    let plan = with_threads(opts.threads, || plan_merge(config, opts))?;
     run_plan(&plan, opts, progress, started)
 }
 
@@ -700,15 +715,15 @@ fn release_inputs(plan: &MergePlan, name: &str) {
     }
 }
 
-/// Produces output tensor `idx` of the plan as `out_ty` bytes, handed to `write` in order.
+/// Produces output tensor `idx` of the plan as `out_ty` bytes, handed to `write` in order;
+/// returns the engine's measurements for a merged tensor (`None` for a copy).
 fn produce_tensor(
     plan: &MergePlan,
     idx: usize,
     out_ty: GgmlType,
     measure: bool,
-    totals: &mut Totals,
     write: &mut dyn FnMut(&[u8]) -> Result<()>,
-) -> Result<()> {
+) -> Result<Option<engine::TensorStats>> {
     let t = &plan.tensors[idx];
     let base = plan.reference.tensor(&t.name)?.ok_or_else(|| {
         Error::Invalid(format!(
@@ -722,13 +737,13 @@ fn produce_tensor(
         source,
     };
     match t.action {
-        TensorAction::Copy if out_ty == base.ty => write(&base.data),
+        TensorAction::Copy if out_ty == base.ty => write(&base.data).map(|()| None),
         TensorAction::Copy | TensorAction::Requantize => {
             let size = nbytes(&t.shape, out_ty).unwrap_or(0) as usize;
             let mut out = vec![0u8; size];
             crate::quant::convert(base.ty, &base.data, out_ty, &mut out, t.shape[0], &t.name)
                 .map_err(base_err)?;
-            write(&out)
+            write(&out).map(|()| None)
         }
         TensorAction::Merge => {
             let dense: Vec<Option<SourceTensor<'_>>> = plan
@@ -811,8 +826,7 @@ fn produce_tensor(
                         source: e.source,
                     },
                 })?;
-            totals.add(&st, out_ty);
-            Ok(())
+            Ok(Some(st))
         }
     }
 }
@@ -838,8 +852,7 @@ pub fn for_each_changed_tensor(
                 let t = &plan.tensors[idx];
                 let mut bytes =
                     Vec::with_capacity(nbytes(&t.shape, t.out_ty).unwrap_or(0) as usize);
-                let mut totals = Totals::default();
-                produce_tensor(plan, idx, t.out_ty, false, &mut totals, &mut |b| {
+                produce_tensor(plan, idx, t.out_ty, false, &mut |b| {
                     bytes.extend_from_slice(b);
                     Ok(())
                 })?;
@@ -851,6 +864,36 @@ pub fn for_each_changed_tensor(
         }
         Ok(())
     })
+}
+
+/// Output bytes of the consecutive small tensors [`run_plan`] computes together.
+const WINDOW_BYTES: u64 = 8 << 20;
+
+/// The plan's tensors in order, grouped into windows of consecutive tensors whose outputs add
+/// up to at most [`WINDOW_BYTES`]; a larger tensor is a window of its own.
+///
+/// A window's tensors are computed concurrently and its outputs held until written: each
+/// tensor alone is split into parallel chunks, but a small one (SmolLM2's 576×192 attention
+/// projections are 4 chunks) cannot keep every core busy, and each tensor would otherwise end
+/// in a wait for its slowest chunk. Holding a window costs at most [`WINDOW_BYTES`].
+fn tensor_windows(plan: &MergePlan) -> Vec<std::ops::Range<usize>> {
+    let size = |t: &PlannedTensor| nbytes(&t.shape, t.out_ty).unwrap_or(u64::MAX);
+    let mut windows = Vec::new();
+    let mut start = 0;
+    let mut bytes = 0u64;
+    for (i, t) in plan.tensors.iter().enumerate() {
+        let b = size(t);
+        if i > start && bytes.saturating_add(b) > WINDOW_BYTES {
+            windows.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes = bytes.saturating_add(b);
+    }
+    if start < plan.tensors.len() {
+        windows.push(start..plan.tensors.len());
+    }
+    windows
 }
 
 fn run_plan(
@@ -895,15 +938,52 @@ fn run_plan(
                 });
                 let stopped = || Error::Invalid("the output writer stopped".into());
                 let computed = (|| -> Result<()> {
-                    for (idx, t) in plan.tensors.iter().enumerate() {
-                        progress.tensor(&t.name, idx, n);
-                        produce_tensor(plan, idx, t.out_ty, true, &mut totals, &mut |bytes| {
+                    for window in tensor_windows(plan) {
+                        if window.len() == 1 {
+                            // Streamed slab by slab (a large tensor, or one alone).
+                            let idx = window.start;
+                            let t = &plan.tensors[idx];
+                            progress.tensor(&t.name, idx, n);
+                            let st = produce_tensor(plan, idx, t.out_ty, true, &mut |bytes| {
+                                progress.advance(bytes.len() as u64);
+                                tx.send(Msg::Part(bytes.to_vec())).map_err(|_| stopped())
+                            })?;
+                            if let Some(st) = st {
+                                totals.add(&st, t.out_ty);
+                            }
+                            tx.send(Msg::EndTensor).map_err(|_| stopped())?;
+                            // Every part sent was copied out of the maps, verbatim copies too.
+                            release_inputs(plan, &t.name);
+                            continue;
+                        }
+                        // Small tensors, computed together; results (and the first error) in
+                        // plan order, so output and report do not depend on scheduling.
+                        let computed: Vec<Result<(Vec<u8>, Option<engine::TensorStats>)>> = window
+                            .clone()
+                            .into_par_iter()
+                            .map(|idx| {
+                                let t = &plan.tensors[idx];
+                                let size = nbytes(&t.shape, t.out_ty).unwrap_or(0) as usize;
+                                let mut bytes = Vec::with_capacity(size);
+                                let st = produce_tensor(plan, idx, t.out_ty, true, &mut |b| {
+                                    bytes.extend_from_slice(b);
+                                    Ok(())
+                                })?;
+                                Ok((bytes, st))
+                            })
+                            .collect();
+                        for (idx, r) in window.zip(computed) {
+                            let t = &plan.tensors[idx];
+                            let (bytes, st) = r?;
+                            progress.tensor(&t.name, idx, n);
                             progress.advance(bytes.len() as u64);
-                            tx.send(Msg::Part(bytes.to_vec())).map_err(|_| stopped())
-                        })?;
-                        tx.send(Msg::EndTensor).map_err(|_| stopped())?;
-                        // Every part sent was copied out of the maps, verbatim copies too.
-                        release_inputs(plan, &t.name);
+                            if let Some(st) = st {
+                                totals.add(&st, t.out_ty);
+                            }
+                            tx.send(Msg::Part(bytes)).map_err(|_| stopped())?;
+                            tx.send(Msg::EndTensor).map_err(|_| stopped())?;
+                            release_inputs(plan, &t.name);
+                        }
                     }
                     Ok(())
                 })();
@@ -957,7 +1037,7 @@ fn run_plan(
                     if current.as_ref().map(|c| c.0) != Some(i) {
                         progress.tensor(&plan.tensors[i].name, i, n);
                         let mut values: Vec<f32> = Vec::new();
-                        produce_tensor(plan, i, GgmlType::F32, true, &mut totals, &mut |bytes| {
+                        let st = produce_tensor(plan, i, GgmlType::F32, true, &mut |bytes| {
                             values.extend(
                                 bytes
                                     .chunks_exact(4)
@@ -965,6 +1045,9 @@ fn run_plan(
                             );
                             Ok(())
                         })?;
+                        if let Some(st) = st {
+                            totals.add(&st, GgmlType::F32);
+                        }
                         current = Some((i, values));
                     }
                     let values = &current.as_ref().expect("just set").1;

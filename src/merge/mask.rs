@@ -37,7 +37,7 @@
 //! and threading live in the merge methods that call these.
 //!
 //! The slice kernels compute Philox for 16 consecutive blocks at once, lane-wise: with
-//! explicit AVX2 instructions where the build enables AVX2 ([`avx2`], about 2.2–2.5× faster
+//! explicit AVX2 instructions where the build enables AVX2 (submodule `avx2`, about 2.2–2.5× faster
 //! on [`dare_in_place`]), else a portable loop the compiler vectorizes. The scalar
 //! [`philox4x32_10`] is the reference both are tested against.
 //!
@@ -644,7 +644,9 @@ mod tests {
                 let kw = dare_ref(&key, 0.3, start, &mut want, 3.0);
                 assert_eq!(kg, kw, "start {start}");
                 assert!(
-                    got.iter().zip(&want).all(|(a, b)| a.to_bits() == b.to_bits()),
+                    got.iter()
+                        .zip(&want)
+                        .all(|(a, b)| a.to_bits() == b.to_bits()),
                     "start {start}"
                 );
             }

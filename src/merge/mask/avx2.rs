@@ -173,10 +173,8 @@ pub(super) fn dare_batch(
     let mut kept = 0;
     for (g, words) in philox_groups(key, k).into_iter().enumerate() {
         for (q, draws) in element_order(words).into_iter().enumerate() {
-            let keep = cast_to_m256_from_m256i(cmp_gt_mask_i32_m256i(
-                limit,
-                bitxor_m256i(draws, sign),
-            ));
+            let keep =
+                cast_to_m256_from_m256i(cmp_gt_mask_i32_m256i(limit, bitxor_m256i(draws, sign)));
             let v = &mut eights[4 * g + q];
             *v = bitand_m256(mul_m256(m256::from(*v), scale), keep).into();
             kept += move_mask_m256(keep).count_ones();
