@@ -162,14 +162,39 @@ pub struct Combine {
 /// aside): each element sees the same IEEE operations in the same order, only several elements
 /// at once. Every delta and a non-empty `base` must be at least `out.len()` long.
 pub fn combine(c: Combine, base: &[f32], deltas: &[Vec<f32>], weights: &[f32], out: &mut [f32]) {
-    combine_blocks(c, base, deltas, weights, out);
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    if !portable_only() {
+        let done = avx2::combine(c, base, deltas, weights, out);
+        combine_blocks(c, base, deltas, weights, done, &mut out[done..]);
+        return;
+    }
+    combine_blocks(c, base, deltas, weights, 0, out);
+}
+
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+mod avx2;
+
+#[cfg(test)]
+thread_local! {
+    /// Tests set this to check the portable [`combine_blocks`] where the AVX2 one is built.
+    static PORTABLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether [`combine`] skips its AVX2 kernel (only tests ask).
+#[inline(always)]
+fn portable_only() -> bool {
+    #[cfg(test)]
+    return PORTABLE_ONLY.get();
+    #[cfg(not(test))]
+    false
 }
 
 /// Elements per block of [`combine`]: its per-element accumulators for one block live on the
 /// stack (3 × 2 KiB), and each model's slice of the block is read while it is still in L1.
 const BLOCK: usize = 512;
 
-/// The body of [`combine`]: per block of [`BLOCK`] elements, one pass per model over contiguous
+/// The portable body of [`combine`] for elements `start..start + out.len()` of `base` and the
+/// deltas: per block of [`BLOCK`] elements, one pass per model over contiguous
 /// slices (model order, as the scalar loop), then one pass for the divisor and base. Written so
 /// that each pass is a straight element-wise loop the compiler vectorizes; no `mul_add`, and
 /// Rust never contracts `a * b + c` into an FMA, so the `fma` targets change nothing numerically.
@@ -180,7 +205,14 @@ const BLOCK: usize = 512;
     "x86_64+sse4.1",
     "aarch64+neon"
 ))]
-fn combine_blocks(c: Combine, base: &[f32], deltas: &[Vec<f32>], weights: &[f32], out: &mut [f32]) {
+fn combine_blocks(
+    c: Combine,
+    base: &[f32],
+    deltas: &[Vec<f32>],
+    weights: &[f32],
+    start: usize,
+    out: &mut [f32],
+) {
     // The scalar loop zips deltas with weights: extra entries of either are ignored.
     let m = deltas.len().min(weights.len());
     let (deltas, weights) = (&deltas[..m], &weights[..m]);
@@ -196,7 +228,7 @@ fn combine_blocks(c: Combine, base: &[f32], deltas: &[Vec<f32>], weights: &[f32]
     let mut sum_buf = [0f32; BLOCK];
     let mut div_buf = [0f32; BLOCK];
     for (bi, o) in out.chunks_mut(BLOCK).enumerate() {
-        let off = bi * BLOCK;
+        let off = start + bi * BLOCK;
         let len = o.len();
         let sum = &mut sum_buf[..len];
         sum.fill(0.0);
@@ -440,9 +472,17 @@ mod tests {
             let c = Combine { consensus, normalize, lambda };
             let mut fast = vec![f32::NAN; n];
             let mut slow = vec![f32::NAN; n];
-            combine(c, &base, &deltas, &weights, &mut fast);
             combine_scalar(c, &base, &deltas, &weights, &mut slow);
-            prop_assert!(same_bits(&fast, &slow), "{c:?}\nfast {fast:?}\nslow {slow:?}");
+            // The AVX2 kernel where built, and the portable one.
+            for portable in [false, true] {
+                PORTABLE_ONLY.set(portable);
+                combine(c, &base, &deltas, &weights, &mut fast);
+                PORTABLE_ONLY.set(false);
+                prop_assert!(
+                    same_bits(&fast, &slow),
+                    "{c:?} portable {portable}\nfast {fast:?}\nslow {slow:?}"
+                );
+            }
         }
     }
 
@@ -458,10 +498,19 @@ mod tests {
                     normalize,
                     lambda: -1.0,
                 };
-                let (mut fast, mut slow) = ([9.0; 4], [9.0; 4]);
-                combine(c, &[], &deltas, &w, &mut fast);
-                combine_scalar(c, &[], &deltas, &w, &mut slow);
-                assert!(same_bits(&fast, &slow), "{c:?} {w:?}: {fast:?} vs {slow:?}");
+                // 9 elements: one AVX2 group and a portable tail.
+                let deltas: Vec<Vec<f32>> = deltas
+                    .iter()
+                    .map(|d| d.iter().cycle().take(9).copied().collect())
+                    .collect();
+                for portable in [false, true] {
+                    let (mut fast, mut slow) = ([9.0; 9], [9.0; 9]);
+                    PORTABLE_ONLY.set(portable);
+                    combine(c, &[], &deltas, &w, &mut fast);
+                    PORTABLE_ONLY.set(false);
+                    combine_scalar(c, &[], &deltas, &w, &mut slow);
+                    assert!(same_bits(&fast, &slow), "{c:?} {w:?}: {fast:?} vs {slow:?}");
+                }
             }
         }
     }

@@ -10,6 +10,26 @@
 /// Independent accumulators per reduction (two AVX2 registers of `f64`).
 const LANES: usize = 8;
 
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+mod avx2;
+
+#[cfg(test)]
+thread_local! {
+    /// Tests set this to compare the portable loops with the AVX2 ones on the same input.
+    static PORTABLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Whether the AVX2 kernels run (where built): always, except in tests that ask for the
+/// portable loops.
+#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[inline(always)]
+fn use_avx2() -> bool {
+    #[cfg(test)]
+    return !PORTABLE_ONLY.get();
+    #[cfg(not(test))]
+    true
+}
+
 /// Sums lanes in order.
 #[inline(always)]
 fn total(lanes: [f64; LANES]) -> f64 {
@@ -18,21 +38,32 @@ fn total(lanes: [f64; LANES]) -> f64 {
 
 /// The number of exactly-zero elements of `x` and `Σ x²` (in `f64`).
 pub fn zeros_and_sumsq(x: &[f32]) -> (u64, f64) {
+    let (groups, rest) = x.as_chunks::<LANES>();
+    let (mut zeros, mut sumsq) = zeros_and_sumsq_groups(groups);
+    for (j, &v) in rest.iter().enumerate() {
+        zeros += u64::from(v == 0.0);
+        sumsq[j] += f64::from(v) * f64::from(v);
+    }
+    (zeros, total(sumsq))
+}
+
+/// [`zeros_and_sumsq`] over whole groups, with the sums still in lanes.
+#[inline]
+fn zeros_and_sumsq_groups(groups: &[[f32; LANES]]) -> (u64, [f64; LANES]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    if use_avx2() {
+        return avx2::zeros_and_sumsq(groups);
+    }
     let mut zeros = [0u32; LANES];
     let mut sumsq = [0f64; LANES];
-    let mut blocks = x.chunks_exact(LANES);
-    for b in &mut blocks {
+    for g in groups {
         for j in 0..LANES {
-            let v = f64::from(b[j]);
-            zeros[j] += u32::from(b[j] == 0.0);
+            let v = f64::from(g[j]);
+            zeros[j] += u32::from(g[j] == 0.0);
             sumsq[j] += v * v;
         }
     }
-    for (j, &v) in blocks.remainder().iter().enumerate() {
-        zeros[j] += u32::from(v == 0.0);
-        sumsq[j] += f64::from(v) * f64::from(v);
-    }
-    (zeros.iter().map(|&z| u64::from(z)).sum(), total(sumsq))
+    (zeros.iter().map(|&z| u64::from(z)).sum(), sumsq)
 }
 
 /// The number of non-zero elements of `x`.
@@ -53,27 +84,39 @@ pub fn nonzeros(x: &[f32]) -> u64 {
 /// length of the three slices is used.
 pub fn retention_sums(q: &[f32], o: &[f32], b: &[f32]) -> (f64, f64) {
     let n = q.len().min(o.len()).min(b.len());
-    let (q, o, b) = (&q[..n], &o[..n], &b[..n]);
+    let (q8, q_rest) = q[..n].as_chunks::<LANES>();
+    let (o8, o_rest) = o[..n].as_chunks::<LANES>();
+    let (b8, b_rest) = b[..n].as_chunks::<LANES>();
+    let (mut num, mut den) = retention_groups(q8, o8, b8);
+    for (j, ((q, o), b)) in q_rest.iter().zip(o_rest).zip(b_rest).enumerate() {
+        let delta = f64::from(o - b);
+        num[j] += f64::from(q - b) * delta;
+        den[j] += delta * delta;
+    }
+    (total(num), total(den))
+}
+
+/// [`retention_sums`] over whole groups (of equal count), with the sums still in lanes.
+#[inline]
+fn retention_groups(
+    q: &[[f32; LANES]],
+    o: &[[f32; LANES]],
+    b: &[[f32; LANES]],
+) -> ([f64; LANES], [f64; LANES]) {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    if use_avx2() {
+        return avx2::retention_sums(q, o, b);
+    }
     let mut num = [0f64; LANES];
     let mut den = [0f64; LANES];
-    let whole = n - n % LANES;
-    for ((qb, ob), bb) in q[..whole]
-        .chunks_exact(LANES)
-        .zip(o[..whole].chunks_exact(LANES))
-        .zip(b[..whole].chunks_exact(LANES))
-    {
+    for ((q, o), b) in q.iter().zip(o).zip(b) {
         for j in 0..LANES {
-            let delta = f64::from(ob[j] - bb[j]);
-            num[j] += f64::from(qb[j] - bb[j]) * delta;
+            let delta = f64::from(o[j] - b[j]);
+            num[j] += f64::from(q[j] - b[j]) * delta;
             den[j] += delta * delta;
         }
     }
-    for j in whole..n {
-        let delta = f64::from(o[j] - b[j]);
-        num[j - whole] += f64::from(q[j] - b[j]) * delta;
-        den[j - whole] += delta * delta;
-    }
-    (total(num), total(den))
+    (num, den)
 }
 
 /// `Σ (max − min)²` over every `every`-th block of `block` consecutive elements of `x` (blocks
@@ -176,6 +219,28 @@ mod tests {
         }
         assert!((num - pn).abs() <= 1e-9 * pd, "{num} vs {pn}");
         assert!((den - pd).abs() <= 1e-12 * pd, "{den} vs {pd}");
+    }
+
+    #[test]
+    fn simd_and_portable_loops_agree_bit_for_bit() {
+        let b = sample(4099);
+        let o: Vec<f32> = b
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v + (i % 13) as f32 * 3e-4)
+            .collect();
+        let q: Vec<f32> = o.iter().map(|v| (v * 32.0).round() / 32.0).collect();
+        let run = |portable: bool| {
+            PORTABLE_ONLY.set(portable);
+            let r = (zeros_and_sumsq(&b), retention_sums(&q, &o, &b));
+            PORTABLE_ONLY.set(false);
+            r
+        };
+        let (fast, portable) = (run(false), run(true));
+        assert_eq!(fast.0 .0, portable.0 .0);
+        assert_eq!(fast.0 .1.to_bits(), portable.0 .1.to_bits());
+        assert_eq!(fast.1 .0.to_bits(), portable.1 .0.to_bits());
+        assert_eq!(fast.1 .1.to_bits(), portable.1 .1.to_bits());
     }
 
     #[test]
