@@ -275,7 +275,7 @@ impl Lab {
         )?;
         let mut out = [None, None];
         for (i, d) in self.domains.iter().enumerate() {
-            if only.map_or(true, |o| o == i) {
+            if only.is_none_or(|o| o == i) {
                 out[i] = Some(score(s.session(), d)?);
             }
         }

@@ -299,7 +299,7 @@ pub fn transform_of(arch: &str, gguf_name: &str) -> Transform {
 /// Checks that `n_rows` rows can be permuted over `n_head` heads (llama.cpp reshapes to
 /// `(n_head, 2, n_rows / n_head / 2)`) and returns the head size.
 pub fn head_dim(n_rows: u64, n_head: u64) -> std::result::Result<u64, String> {
-    if n_head == 0 || n_rows % n_head != 0 || (n_rows / n_head) % 2 != 0 {
+    if n_head == 0 || !n_rows.is_multiple_of(n_head) || !(n_rows / n_head).is_multiple_of(2) {
         return Err(format!(
             "{n_rows} rows cannot be split into {n_head} heads of an even size"
         ));

@@ -1255,7 +1255,7 @@ mod tests {
         let (mut file, sizes) = encode_header(&specs, &meta, Path::new("x")).unwrap();
         assert_eq!(sizes, [12, 12]);
         assert_eq!((file.len() - 8) % 8, 0);
-        file.extend(std::iter::repeat(7u8).take(24));
+        file.extend(std::iter::repeat_n(7u8, 24));
         let st = SafeTensors::deserialize(&file).unwrap();
         assert_eq!(st.tensor("a").unwrap().shape(), [2, 3]);
         assert_eq!(st.tensor("a").unwrap().dtype(), Dtype::BF16);

@@ -280,13 +280,21 @@ impl TensorJob<'_> {
         deltas: &mut [Vec<f32>],
     ) -> Result<(), EngineError> {
         let n = c.rows * self.n_per_row;
-        base.clear();
-        if let Some(b) = &self.base {
-            base.resize(n, 0.0);
-            self.dequant_rows(b, c, base, None)?;
+        // Buffers are reused from chunk to chunk and overwritten whole: `resize` after
+        // `truncate` only fills what grows (zero-filling every chunk showed in profiles).
+        let fit = |v: &mut Vec<f32>| {
+            v.truncate(n);
+            v.resize(n, 0.0);
+        };
+        match &self.base {
+            Some(b) => {
+                fit(base);
+                self.dequant_rows(b, c, base, None)?;
+            }
+            None => base.clear(),
         }
         for (i, (m, d)) in self.models.iter().zip(deltas.iter_mut()).enumerate() {
-            d.resize(n, 0.0);
+            fit(d);
             match m {
                 ModelInput::Dense(t) => {
                     self.dequant_rows(t, c, d, Some(i))?;

@@ -490,7 +490,7 @@ mod tests {
     fn fast_combine_handles_signed_zeros_like_scalar() {
         // A zero-weight or zero-delta vote, empty base, λ = −1: results of ±0 must keep their
         // sign exactly as the reference computes it.
-        let deltas = vec![vec![0.0, -0.0, 1.0, -1.0], vec![-0.0, 0.0, -1.0, 1.0]];
+        let deltas = [vec![0.0, -0.0, 1.0, -1.0], vec![-0.0, 0.0, -1.0, 1.0]];
         for (consensus, normalize) in [(false, false), (false, true), (true, false), (true, true)] {
             for w in [[1.0, 1.0], [-0.0, 0.0], [1.0, -1.0]] {
                 let c = Combine {

@@ -51,7 +51,7 @@ pub fn check_quantize(ty: GgmlType, n_per_row: u64, tensor: &str) -> Result<(), 
             })
         }
     }
-    if n_per_row % ty.block_size() != 0 {
+    if !n_per_row.is_multiple_of(ty.block_size()) {
         return Err(QuantError::CannotQuantize {
             tensor: tensor.into(),
             ty,
@@ -119,7 +119,7 @@ pub fn dequantize(
     check_dequantize(ty, tensor)?;
     let blk = ty.block_size() as usize;
     let n = dst.len();
-    if n % blk != 0 || (n / blk) as u64 * ty.type_size() != src.len() as u64 {
+    if !n.is_multiple_of(blk) || (n / blk) as u64 * ty.type_size() != src.len() as u64 {
         return Err(QuantError::SizeMismatch {
             tensor: tensor.into(),
             expected: (n / blk) as u64 * ty.type_size(),
@@ -145,7 +145,7 @@ pub fn quantize(
     check_quantize(ty, n_per_row, tensor)?;
     let row = ty.row_bytes(n_per_row).unwrap_or(0) as usize;
     let n_rows = src.len() / n_per_row as usize;
-    if src.len() as u64 % n_per_row != 0 || dst.len() != row * n_rows {
+    if !(src.len() as u64).is_multiple_of(n_per_row) || dst.len() != row * n_rows {
         return Err(QuantError::SizeMismatch {
             tensor: tensor.into(),
             expected: (row * n_rows) as u64,

@@ -37,7 +37,10 @@ pub fn has_to_float(ty: GgmlType) -> bool {
 /// `to_float`; callers check `can_dequantize` first.
 pub fn to_float(ty: GgmlType, src: &[u8], dst: &mut [f32]) {
     let n = dst.len() as u64;
-    assert!(n % ty.block_size() == 0, "{ty}: {n} is not whole blocks");
+    assert!(
+        n.is_multiple_of(ty.block_size()),
+        "{ty}: {n} is not whole blocks"
+    );
     assert_eq!(
         src.len() as u64,
         n / ty.block_size() * ty.type_size(),
@@ -65,7 +68,10 @@ pub fn quantize_chunk(ty: GgmlType, src: &[f32], n_per_row: u64, dst: &mut [u8])
         "{ty} cannot be quantized to"
     );
     let n = src.len() as u64;
-    assert!(n_per_row > 0 && n % n_per_row == 0, "{ty}: not whole rows");
+    assert!(
+        n_per_row > 0 && n.is_multiple_of(n_per_row),
+        "{ty}: not whole rows"
+    );
     let row = ty.row_bytes(n_per_row).expect("row not whole blocks");
     let nrows = n / n_per_row;
     assert_eq!(dst.len() as u64, row * nrows, "{ty}: output size mismatch");
@@ -91,7 +97,7 @@ pub fn quantize_chunk(ty: GgmlType, src: &[f32], n_per_row: u64, dst: &mut [u8])
 
 /// `ggml_validate_row_data`: checks scales and values for NaN/Inf (and other per-type rules).
 pub fn validate_row_data(ty: GgmlType, data: &[u8]) -> bool {
-    if data.len() as u64 % ty.type_size() != 0 {
+    if !(data.len() as u64).is_multiple_of(ty.type_size()) {
         return false;
     }
     // SAFETY: the function reads exactly `data.len()` bytes, which must be whole blocks

@@ -313,7 +313,7 @@ impl State<'_> {
         let iq_low = ["IQ2_XXS", "IQ2_XS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M"];
         if cat == Category::Output || (self.has_tied_embeddings && cat == Category::TokenEmbd) {
             let nx = shape[0];
-            if arch_falcon || nx % t.block_size() != 0 {
+            if arch_falcon || !nx.is_multiple_of(t.block_size()) {
                 t = G::Q8_0;
             } else if self.is(&[
                 "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ2_S", "IQ2_M", "IQ1_M",
@@ -500,7 +500,7 @@ impl State<'_> {
 /// by a compatible one (Q4_K → Q5_0, Q6_K → Q8_0, …; F16 when nothing fits).
 pub fn fallback(t: GgmlType, ncols: u64) -> GgmlType {
     use GgmlType as G;
-    if ncols % t.block_size() == 0 {
+    if ncols.is_multiple_of(t.block_size()) {
         return t;
     }
     let r = match t {
@@ -518,7 +518,7 @@ pub fn fallback(t: GgmlType, ncols: u64) -> GgmlType {
         G::Q6_K => G::Q8_0,
         other => other,
     };
-    if ncols % r.block_size() == 0 {
+    if ncols.is_multiple_of(r.block_size()) {
         r
     } else {
         G::F16

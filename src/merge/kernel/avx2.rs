@@ -86,11 +86,7 @@ pub(super) fn combine(
             }
             (sum, wsum)
         };
-        let mixed = if c.normalize {
-            div_m256(sum, div)
-        } else {
-            sum
-        };
+        let mixed = if c.normalize { div_m256(sum, div) } else { sum };
         let b = match base_groups {
             Some(b) => load_unaligned_m256(&b[g]),
             None => zero,
