@@ -246,6 +246,35 @@ impl TensorJob<'_> {
             .collect()
     }
 
+    /// The bytes of chunk `c`'s rows of `t`.
+    fn chunk_bytes<'t>(&self, t: &InputTensor<'t>, c: &Chunk) -> &'t [u8] {
+        let row = t.ty.row_bytes(self.n_per_row as u64).unwrap_or(0) as usize;
+        &t.data[c.row0 * row..(c.row0 + c.rows) * row]
+    }
+
+    /// The error for the non-finite value at `bad` (an index into chunk `c`) of input `input`,
+    /// if any.
+    fn check_finite(
+        &self,
+        bad: Option<usize>,
+        t: &InputTensor<'_>,
+        c: &Chunk,
+        input: Option<usize>,
+    ) -> Result<(), EngineError> {
+        let Some(i) = bad else { return Ok(()) };
+        // Decode the value again for the message (the buffer may hold a delta by now).
+        let mut values = vec![0f32; c.rows * self.n_per_row];
+        codec::dequantize_into(t.ty, self.chunk_bytes(t, c), &mut values);
+        Err(EngineError {
+            input,
+            source: QuantError::NonFinite {
+                tensor: self.name.into(),
+                index: (c.row0 * self.n_per_row + i) as u64,
+                value: values[i],
+            },
+        })
+    }
+
     fn dequant_rows(
         &self,
         t: &InputTensor<'_>,
@@ -253,20 +282,8 @@ impl TensorJob<'_> {
         out: &mut [f32],
         input: Option<usize>,
     ) -> Result<(), EngineError> {
-        let row = t.ty.row_bytes(self.n_per_row as u64).unwrap_or(0) as usize;
-        let bytes = &t.data[c.row0 * row..(c.row0 + c.rows) * row];
-        codec::dequantize_into(t.ty, bytes, out);
-        if let Some(i) = measure::first_non_finite(out) {
-            return Err(EngineError {
-                input,
-                source: QuantError::NonFinite {
-                    tensor: self.name.into(),
-                    index: (c.row0 * self.n_per_row + i) as u64,
-                    value: out[i],
-                },
-            });
-        }
-        Ok(())
+        codec::dequantize_into(t.ty, self.chunk_bytes(t, c), out);
+        self.check_finite(measure::first_non_finite(out), t, c, input)
     }
 
     /// Dequantizes the base and the models for chunk `c` and turns model values into deltas
@@ -296,14 +313,13 @@ impl TensorJob<'_> {
         for (i, (m, d)) in self.models.iter().zip(deltas.iter_mut()).enumerate() {
             fit(d);
             match m {
-                ModelInput::Dense(t) => {
-                    self.dequant_rows(t, c, d, Some(i))?;
-                    if !base.is_empty() {
-                        for (x, b) in d.iter_mut().zip(base.iter()) {
-                            *x -= b;
-                        }
-                    }
+                ModelInput::Dense(t) if !base.is_empty() => {
+                    // Dequantize, then check and subtract in one pass.
+                    codec::dequantize_into(t.ty, self.chunk_bytes(t, c), d);
+                    let bad = measure::subtract_finite(d, base);
+                    self.check_finite(bad, t, c, Some(i))?;
                 }
+                ModelInput::Dense(t) => self.dequant_rows(t, c, d, Some(i))?,
                 ModelInput::Sparse(sp) => {
                     let start = (c.row0 * self.n_per_row) as u64;
                     let first = offsets[i].get(c.index).copied().unwrap_or(0);

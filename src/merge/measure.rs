@@ -66,17 +66,26 @@ fn zeros_and_sumsq_groups(groups: &[[f32; LANES]]) -> (u64, [f64; LANES]) {
     (zeros.iter().map(|&z| u64::from(z)).sum(), sumsq)
 }
 
-/// The number of non-zero elements of `x`.
+/// The number of non-zero elements of `x` (NaN counts as non-zero).
 pub fn nonzeros(x: &[f32]) -> u64 {
+    let (groups, rest) = x.as_chunks::<LANES>();
+    nonzero_groups(groups) + rest.iter().filter(|v| **v != 0.0).count() as u64
+}
+
+/// [`nonzeros`] over whole groups.
+#[inline]
+fn nonzero_groups(groups: &[[f32; LANES]]) -> u64 {
+    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+    if use_avx2() {
+        return avx2::nonzeros(groups);
+    }
     let mut count = [0u32; LANES];
-    let mut blocks = x.chunks_exact(LANES);
-    for b in &mut blocks {
+    for g in groups {
         for j in 0..LANES {
-            count[j] += u32::from(b[j] != 0.0);
+            count[j] += u32::from(g[j] != 0.0);
         }
     }
-    let rest = blocks.remainder().iter().filter(|v| **v != 0.0).count() as u64;
-    count.iter().map(|&c| u64::from(c)).sum::<u64>() + rest
+    count.iter().map(|&c| u64::from(c)).sum()
 }
 
 /// Delta retention terms of one chunk: `(⟨q − b, o − b⟩, ⟨o − b, o − b⟩)` in `f64`, with `o`
@@ -155,6 +164,34 @@ pub fn block_range_sumsq(x: &[f32], block: usize, every: usize) -> (f64, u64) {
 /// Elements scanned per step of [`first_non_finite`] before looking for the exact position.
 const SCAN: usize = 256;
 
+/// Turns model values into deltas, `x[j] -= base[j]` over the common length, checking the
+/// values first: returns the index of the first NaN or infinite `x[j]` (as it was), if any,
+/// and then `x` is only partly converted. One pass instead of [`first_non_finite`] and a
+/// subtraction.
+pub fn subtract_finite(x: &mut [f32], base: &[f32]) -> Option<usize> {
+    const EXPONENT: u32 = 0x7f80_0000;
+    let n = x.len().min(base.len());
+    for (k, (part, b)) in x[..n]
+        .chunks_mut(SCAN)
+        .zip(base[..n].chunks(SCAN))
+        .enumerate()
+    {
+        let bad = part.iter().fold(0u32, |a, v| {
+            a | u32::from(v.to_bits() & EXPONENT == EXPONENT)
+        });
+        if bad != 0 {
+            return part
+                .iter()
+                .position(|v| !v.is_finite())
+                .map(|i| k * SCAN + i);
+        }
+        for (v, b) in part.iter_mut().zip(b) {
+            *v -= b;
+        }
+    }
+    None
+}
+
 /// The index of the first NaN or infinite element of `x`, if any.
 pub fn first_non_finite(x: &[f32]) -> Option<usize> {
     const EXPONENT: u32 = 0x7f80_0000;
@@ -232,7 +269,11 @@ mod tests {
         let q: Vec<f32> = o.iter().map(|v| (v * 32.0).round() / 32.0).collect();
         let run = |portable: bool| {
             PORTABLE_ONLY.set(portable);
-            let r = (zeros_and_sumsq(&b), retention_sums(&q, &o, &b));
+            let r = (
+                zeros_and_sumsq(&b),
+                retention_sums(&q, &o, &b),
+                nonzeros(&b),
+            );
             PORTABLE_ONLY.set(false);
             r
         };
@@ -241,6 +282,8 @@ mod tests {
         assert_eq!(fast.0 .1.to_bits(), portable.0 .1.to_bits());
         assert_eq!(fast.1 .0.to_bits(), portable.1 .0.to_bits());
         assert_eq!(fast.1 .1.to_bits(), portable.1 .1.to_bits());
+        assert_eq!(fast.2, portable.2);
+        assert_eq!(fast.2, b.iter().filter(|v| **v != 0.0).count() as u64);
     }
 
     #[test]
@@ -266,6 +309,18 @@ mod tests {
             assert!((s - ps).abs() <= 1e-12 * ps.max(1.0));
         }
         assert_eq!(block_range_sumsq(&x, 0, 1), (0.0, 0));
+    }
+
+    #[test]
+    fn subtract_finite_subtracts_or_finds_the_first_bad_value() {
+        let b = sample(1000);
+        let mut x: Vec<f32> = b.iter().map(|v| v * 3.0 + 0.5).collect();
+        let want: Vec<f32> = x.iter().zip(&b).map(|(x, b)| x - b).collect();
+        assert_eq!(subtract_finite(&mut x, &b), None);
+        assert_eq!(x, want);
+        x[900] = f32::NAN;
+        x[600] = f32::NEG_INFINITY;
+        assert_eq!(subtract_finite(&mut x, &b), Some(600));
     }
 
     #[test]

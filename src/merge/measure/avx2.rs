@@ -33,6 +33,19 @@ fn lanes(lo: m256d, hi: m256d) -> [f64; LANES] {
     [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]
 }
 
+/// The number of non-zero elements (NaN counts as non-zero) over whole groups of 8.
+pub(super) fn nonzeros(x: &[[f32; LANES]]) -> u64 {
+    // `_CMP_NEQ_UQ`: true for NaN, as Rust's `!=`.
+    const NEQ: i32 = 4;
+    let zero = zeroed_m256();
+    x.iter()
+        .map(|g| {
+            let v = load_unaligned_m256(g);
+            u64::from(move_mask_m256(cmp_op_mask_m256::<NEQ>(v, zero)).count_ones())
+        })
+        .sum()
+}
+
 /// Lane sums of `x²` and the number of exactly-zero elements over whole groups of 8.
 pub(super) fn zeros_and_sumsq(x: &[[f32; LANES]]) -> (u64, [f64; LANES]) {
     // `_CMP_EQ_OQ`: +0 and −0 are zero, NaN is not.
