@@ -9,9 +9,9 @@
 #   - quantize: base-f16 -> the mixture that reproduces the base's per-tensor types (checked);
 #   - merge:    --base BASE + 2 experts, weight 0.5, density 0.1, dare_ties, seed 1, output in
 #               the base's types.
-# Both run with the same threads (-t, default: $THREADS or nproc), timed with /usr/bin/time: best
-# of $RUNS (default 2) for wall time and for CPU time (user + system, a steadier ratio on a busy
-# machine), largest peak RSS; the merge's private (anonymous) peak is sampled in one more run,
+# Both run with the same threads (-t, default: $THREADS or nproc), alternating, timed with
+# /usr/bin/time: best of $RUNS (default 2) each for wall time and for CPU time (user + system,
+# a steadier ratio on a busy machine), largest peak RSS; the merge's private (anonymous) peak is sampled in one more run,
 # since peak RSS also counts the pages of the memory-mapped inputs. Work files go to a temporary
 # directory (under $BENCH_DIR if set), removed on exit. Prints a Markdown table.
 set -euo pipefail
@@ -42,23 +42,28 @@ cp target/release/ggmerge target/release/examples/make_expert "$work/"
 ggmerge=$work/ggmerge
 make_expert=$work/make_expert
 
-# measure CMD...: runs CMD $runs times, removing its output file $out before each run; prints
-# "BEST_WALL_SECONDS BEST_CPU_SECONDS MAX_PEAK_RSS_KIB" (CPU: user + system, all threads).
-measure() {
-  local best="" cpu="" rss=0 i e u s m
-  for ((i = 0; i < runs; i++)); do
-    rm -f "$out"
-    /usr/bin/time -f '%e %U %S %M' -o "$work/time" "$@" >"$work/log" 2>&1 || {
-      echo "failed: $*" >&2
-      cat "$work/log" >&2
-      exit 1
-    }
-    read -r e u s m <"$work/time"
-    best=$(awk -v a="$best" -v b="$e" 'BEGIN { print (a == "" || b + 0 < a + 0) ? b : a }')
-    cpu=$(awk -v a="$cpu" -v b="$u" -v c="$s" 'BEGIN { print (a == "" || b + c < a + 0) ? b + c : a }')
-    [ "$m" -gt "$rss" ] && rss=$m
-  done
-  echo "$best $cpu $rss"
+# run_once OUT CMD...: runs CMD once, removing its output file OUT first; prints
+# "WALL_SECONDS CPU_SECONDS PEAK_RSS_KIB" (CPU: user + system, all threads).
+run_once() {
+  local out=$1 e u s m
+  shift
+  rm -f "$out"
+  /usr/bin/time -f '%e %U %S %M' -o "$work/time" "$@" >"$work/log" 2>&1 || {
+    echo "failed: $*" >&2
+    cat "$work/log" >&2
+    exit 1
+  }
+  read -r e u s m <"$work/time"
+  awk -v e="$e" -v u="$u" -v s="$s" -v m="$m" 'BEGIN { print e, u + s, m }'
+}
+
+# best A B: folds two "WALL CPU RSS" lines (A may be empty): best wall, best CPU, largest RSS.
+best() {
+  awk -v a="$1" -v b="$2" 'BEGIN {
+    if (a == "") { print b; exit }
+    split(a, x, " "); split(b, y, " ")
+    print (y[1] + 0 < x[1] + 0 ? y[1] : x[1]), (y[2] + 0 < x[2] + 0 ? y[2] : x[2]), (y[3] + 0 > x[3] + 0 ? y[3] : x[3])
+  }'
 }
 
 # anon_peak CMD...: runs CMD once, sampling /proc/PID/status every 20 ms; prints the largest
@@ -113,25 +118,30 @@ for f in "${fixtures[@]}"; do
   "$make_expert" "$base" "$e2" --seed 2 --rel 1e-3 --type F16
   "$ggmerge" quantize "$base" "$f16" F16 -t "$threads" -q
 
-  echo "== $label: ggmerge quantize base-f16 -> $mixture (x$runs)" >&2
-  out=$work/quantized.gguf
-  res=$(measure "$ggmerge" quantize "$f16" "$out" "$mixture" -t "$threads" -q)
-  read -r q_s q_cpu q_kib <<<"$res"
-  echo "   $q_s s (CPU $q_cpu s), peak RSS $q_kib KiB" >&2
-  check_types "$base" "$out" "quantize to $mixture"
-
-  echo "== $label: ggmerge merge dare_ties, 2 experts (x$runs)" >&2
+  # Quantize and merge alternate, so that both see the same machine: on a shared machine
+  # speed drifts over minutes, and timing all quantize runs before all merge runs skews the
+  # ratio.
+  echo "== $label: ggmerge quantize base-f16 -> $mixture and merge dare_ties, alternating (x$runs)" >&2
+  quantize_cmd=("$ggmerge" quantize "$f16" "$work/quantized.gguf" "$mixture" -t "$threads" -q)
+  merge_cmd=("$ggmerge" merge --base "$base"
+    --model "$e1" --weight 0.5 --density 0.1
+    --model "$e2" --weight 0.5 --density 0.1
+    --method dare_ties --seed 1 -t "$threads" -q -o "$work/merged.gguf")
+  q_res="" m_res=""
+  for ((i = 0; i < runs; i++)); do
+    # (Assignments, so that `set -e` stops the script when a run fails.)
+    r=$(run_once "$work/quantized.gguf" "${quantize_cmd[@]}")
+    q_res=$(best "$q_res" "$r")
+    r=$(run_once "$work/merged.gguf" "${merge_cmd[@]}")
+    m_res=$(best "$m_res" "$r")
+  done
+  read -r q_s q_cpu q_kib <<<"$q_res"
+  read -r m_s m_cpu m_kib <<<"$m_res"
+  echo "   quantize: $q_s s (CPU $q_cpu s), peak RSS $q_kib KiB" >&2
+  check_types "$base" "$work/quantized.gguf" "quantize to $mixture"
   out=$work/merged.gguf
-  res=$(measure "$ggmerge" merge --base "$base" \
-    --model "$e1" --weight 0.5 --density 0.1 \
-    --model "$e2" --weight 0.5 --density 0.1 \
-    --method dare_ties --seed 1 -t "$threads" -q -o "$out")
-  read -r m_s m_cpu m_kib <<<"$res"
-  m_anon=$(anon_peak "$ggmerge" merge --base "$base" \
-    --model "$e1" --weight 0.5 --density 0.1 \
-    --model "$e2" --weight 0.5 --density 0.1 \
-    --method dare_ties --seed 1 -t "$threads" -q -o "$out")
-  echo "   $m_s s (CPU $m_cpu s), peak RSS $m_kib KiB (private: $m_anon KiB)" >&2
+  m_anon=$(anon_peak "${merge_cmd[@]}")
+  echo "   merge: $m_s s (CPU $m_cpu s), peak RSS $m_kib KiB (private: $m_anon KiB)" >&2
   check_types "$base" "$out" "the merge output"
 
   inputs=$(($(stat -c %s "$base") + $(stat -c %s "$e1") + $(stat -c %s "$e2")))
