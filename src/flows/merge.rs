@@ -319,6 +319,10 @@ pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan
 /// [`plan_merge`], taking delta packs from `open` (matched by path) instead of opening them
 /// again: the runtime plans every mixture this way, reusing packs whose kept indices it has
 /// cached ([`DeltaPack::cache_kept_indices`]). Packs not in `open` are opened as usual.
+///
+/// The caller has checked the packs in `open` against this base ([`DeltaPack::check_base`],
+/// as an expert session does when it opens them): their base fingerprint — a hash of the
+/// whole base — is not recomputed on every plan. Packs opened here are checked.
 pub fn plan_merge_with_packs(
     config: &MergeConfig,
     opts: &MergeOptions,
@@ -354,37 +358,44 @@ pub fn plan_merge_with_packs(
     let fallback = reference.metadata().and_then(HfConfig::from_gguf_metadata);
     // Each input is parsed once, all of them concurrently: a GGUF header with a 50k-token
     // vocabulary takes milliseconds to read, serial time before any tensor is merged.
-    let opened: Vec<Result<MergeInput>> = config
+    let opened: Vec<Result<(MergeInput, bool)>> = config
         .models
         .par_iter()
         .map(|m| {
             let path = Path::new(&m.model);
+            // (input, whether its base fingerprint still needs checking)
             if let Some(p) = open.iter().find(|p| p.path() == path) {
-                return Ok(MergeInput::Pack(Arc::clone(p)));
+                return Ok((MergeInput::Pack(Arc::clone(p)), false));
             }
             if is_gguf_file(path) {
                 let file = GgufModel::open(path)?;
                 return Ok(if DeltaPack::is_pack_file(&file) {
-                    MergeInput::Pack(Arc::new(DeltaPack::from_file(path, file)?))
+                    let pack = DeltaPack::from_file(path, file)?;
+                    (MergeInput::Pack(Arc::new(pack)), true)
                 } else {
-                    MergeInput::Model(Box::new(file))
+                    (MergeInput::Model(Box::new(file)), false)
                 });
             }
-            Ok(MergeInput::Model(open_model(path, fallback.as_ref())?))
+            Ok((
+                MergeInput::Model(open_model(path, fallback.as_ref())?),
+                false,
+            ))
         })
         .collect();
     let mut base_fingerprint: Option<String> = None;
     let mut models = Vec::with_capacity(config.models.len());
     for input in opened {
-        let input = input?;
+        let (input, unchecked) = input?;
         if let MergeInput::Pack(pack) = &input {
-            if base_fingerprint.is_none() {
-                base_fingerprint = Some(fingerprint(reference.as_ref())?);
+            if unchecked {
+                if base_fingerprint.is_none() {
+                    base_fingerprint = Some(fingerprint(reference.as_ref())?);
+                }
+                pack.check_base(
+                    reference.as_ref(),
+                    base_fingerprint.as_deref().unwrap_or(""),
+                )?;
             }
-            pack.check_base(
-                reference.as_ref(),
-                base_fingerprint.as_deref().unwrap_or(""),
-            )?;
             if let Some((name, _)) = pack
                 .tensors
                 .iter()
