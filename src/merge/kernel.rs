@@ -174,6 +174,21 @@ pub fn combine(c: Combine, base: &[f32], deltas: &[Vec<f32>], weights: &[f32], o
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
 mod avx2;
 
+/// The divisor of a normalized merge without consensus, the same for every element: Σ wᵢ from
+/// +0 in model order, or 1 when it is (nearly) zero.
+#[inline]
+fn weight_sum(weights: &[f32]) -> f32 {
+    let mut wsum = 0f32;
+    for &w in weights {
+        wsum += w;
+    }
+    if wsum.abs() < 1e-8 {
+        1.0
+    } else {
+        wsum
+    }
+}
+
 #[cfg(test)]
 thread_local! {
     /// Tests set this to check the portable [`combine_blocks`] where the AVX2 one is built.
@@ -216,14 +231,7 @@ fn combine_blocks(
     // The scalar loop zips deltas with weights: extra entries of either are ignored.
     let m = deltas.len().min(weights.len());
     let (deltas, weights) = (&deltas[..m], &weights[..m]);
-    // Without consensus the divisor does not depend on the element: Σ wᵢ from +0, in order.
-    let mut wsum = 0f32;
-    for &w in weights {
-        wsum += w;
-    }
-    if wsum.abs() < 1e-8 {
-        wsum = 1.0;
-    }
+    let wsum = weight_sum(weights);
     let mut s_buf = [0f32; BLOCK];
     let mut sum_buf = [0f32; BLOCK];
     let mut div_buf = [0f32; BLOCK];

@@ -169,21 +169,14 @@ const SCAN: usize = 256;
 /// and then `x` is only partly converted. One pass instead of [`first_non_finite`] and a
 /// subtraction.
 pub fn subtract_finite(x: &mut [f32], base: &[f32]) -> Option<usize> {
-    const EXPONENT: u32 = 0x7f80_0000;
     let n = x.len().min(base.len());
     for (k, (part, b)) in x[..n]
         .chunks_mut(SCAN)
         .zip(base[..n].chunks(SCAN))
         .enumerate()
     {
-        let bad = part.iter().fold(0u32, |a, v| {
-            a | u32::from(v.to_bits() & EXPONENT == EXPONENT)
-        });
-        if bad != 0 {
-            return part
-                .iter()
-                .position(|v| !v.is_finite())
-                .map(|i| k * SCAN + i);
+        if let Some(i) = non_finite_in(part) {
+            return Some(k * SCAN + i);
         }
         for (v, b) in part.iter_mut().zip(b) {
             *v -= b;
@@ -194,20 +187,23 @@ pub fn subtract_finite(x: &mut [f32], base: &[f32]) -> Option<usize> {
 
 /// The index of the first NaN or infinite element of `x`, if any.
 pub fn first_non_finite(x: &[f32]) -> Option<usize> {
+    x.chunks(SCAN)
+        .enumerate()
+        .find_map(|(k, part)| non_finite_in(part).map(|i| k * SCAN + i))
+}
+
+/// The first NaN or infinite element of one part of at most [`SCAN`] elements: a branch-free
+/// test over the whole part (it vectorizes), the exact position only on the rare hit.
+#[inline(always)]
+fn non_finite_in(part: &[f32]) -> Option<usize> {
     const EXPONENT: u32 = 0x7f80_0000;
-    for (k, part) in x.chunks(SCAN).enumerate() {
-        // Branch-free over the part (vectorizes); the exact position only on the rare hit.
-        let bad = part.iter().fold(0u32, |a, v| {
-            a | u32::from(v.to_bits() & EXPONENT == EXPONENT)
-        });
-        if bad != 0 {
-            return part
-                .iter()
-                .position(|v| !v.is_finite())
-                .map(|i| k * SCAN + i);
-        }
+    let bad = part.iter().fold(0u32, |a, v| {
+        a | u32::from(v.to_bits() & EXPONENT == EXPONENT)
+    });
+    if bad == 0 {
+        return None;
     }
-    None
+    part.iter().position(|v| !v.is_finite())
 }
 
 #[cfg(test)]

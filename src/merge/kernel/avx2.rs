@@ -33,13 +33,6 @@ pub(super) fn combine(
     // The scalar loop zips deltas with weights: extra entries of either are ignored.
     let m = deltas.len().min(weights.len());
     let (deltas, weights) = (&deltas[..m], &weights[..m]);
-    let mut wsum = 0f32;
-    for &w in weights {
-        wsum += w;
-    }
-    if wsum.abs() < 1e-8 {
-        wsum = 1.0;
-    }
     // Per model: its weight splat and its delta groups.
     let models: Vec<(m256, &[[f32; GROUP]])> = deltas
         .iter()
@@ -53,7 +46,7 @@ pub(super) fn combine(
     };
     let (zero, one) = (zeroed_m256(), set_splat_m256(1.0));
     let lambda = set_splat_m256(c.lambda);
-    let wsum = set_splat_m256(wsum);
+    let wsum = set_splat_m256(super::weight_sum(weights));
     let (groups, _) = out.as_chunks_mut::<GROUP>();
     for (g, o) in groups.iter_mut().enumerate() {
         let (sum, div) = if c.consensus {
