@@ -1,7 +1,9 @@
 //! Dequantize and quantize whole rows, in parallel over row chunks with rayon.
 //!
 //! F32, F16 and BF16 are converted in Rust (`half`, runtime-dispatched F16C); every block type
-//! goes through ggml (`to_float`, `ggml_quantize_chunk`), so bytes are ggml's bytes. Each row is
+//! goes through ggml (`to_float`, `ggml_quantize_chunk`), so bytes are ggml's bytes — except
+//! Q8_0 quantization of finite rows, done in Rust byte-identically (`q8_0`, tested against
+//! ggml). Each row is
 //! quantized independently of every other, which is why output is byte-identical whatever the
 //! thread count or chunking: chunks only decide which thread does a row, never its result.
 
@@ -12,7 +14,7 @@ use rayon::prelude::*;
 use crate::format::ggml_type::QuantizeSupport;
 use crate::format::GgmlType;
 use crate::quant::error::QuantError;
-use crate::quant::ggml;
+use crate::quant::{ggml, q8_0};
 
 /// Elements a parallel task works on at once: big enough to amortize scheduling, small enough
 /// that the per-task f32 buffer stays in L2.
@@ -99,6 +101,9 @@ pub fn quantize_into(ty: GgmlType, src: &[f32], n_per_row: u64, dst: &mut [u8]) 
         for (d, s) in dst.chunks_exact_mut(4).zip(src) {
             d.copy_from_slice(&s.to_le_bytes());
         }
+    } else if ty == GgmlType::Q8_0 && q8_0::all_finite(src) {
+        // ggml's bytes, computed in Rust (see `q8_0`); non-finite input keeps ggml's handling.
+        q8_0::quantize(src, dst);
     } else {
         ggml::quantize_chunk(ty, src, n_per_row, dst);
     }

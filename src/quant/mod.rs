@@ -12,6 +12,7 @@ pub mod codec;
 pub mod error;
 pub mod ggml;
 pub mod mixture;
+pub mod q8_0;
 
 pub use crate::format::ggml_type::{GgmlType, QuantizeSupport, TypeTraits, TYPES};
 pub use codec::{convert, dequantize, quantize};
