@@ -6,6 +6,7 @@
 //! ([`crate::merge::engine`]) tensor by tensor and writes the result with the base's metadata
 //! and tokenizer. The report carries the delta-noise and delta-retention measurements.
 
+use std::borrow::Cow;
 use std::sync::Arc;
 
 use rayon::prelude::*;
@@ -726,14 +727,15 @@ fn release_inputs(plan: &MergePlan, name: &str) {
     }
 }
 
-/// Produces output tensor `idx` of the plan as `out_ty` bytes, handed to `write` in order;
-/// returns the engine's measurements for a merged tensor (`None` for a copy).
-fn produce_tensor(
-    plan: &MergePlan,
+/// Produces output tensor `idx` of the plan as `out_ty` bytes, handed to `write` in order
+/// (computed parts owned, verbatim copies borrowed from the base's map); returns the engine's
+/// measurements for a merged tensor (`None` for a copy).
+fn produce_tensor<'p>(
+    plan: &'p MergePlan,
     idx: usize,
     out_ty: GgmlType,
     measure: bool,
-    write: &mut dyn FnMut(&[u8]) -> Result<()>,
+    write: &mut dyn FnMut(Cow<'p, [u8]>) -> Result<()>,
 ) -> Result<Option<engine::TensorStats>> {
     let t = &plan.tensors[idx];
     let base = plan.reference.tensor(&t.name)?.ok_or_else(|| {
@@ -748,13 +750,13 @@ fn produce_tensor(
         source,
     };
     match t.action {
-        TensorAction::Copy if out_ty == base.ty => write(&base.data).map(|()| None),
+        TensorAction::Copy if out_ty == base.ty => write(base.data).map(|()| None),
         TensorAction::Copy | TensorAction::Requantize => {
             let size = nbytes(&t.shape, out_ty).unwrap_or(0) as usize;
             let mut out = vec![0u8; size];
             crate::quant::convert(base.ty, &base.data, out_ty, &mut out, t.shape[0], &t.name)
                 .map_err(base_err)?;
-            write(&out).map(|()| None)
+            write(Cow::Owned(out)).map(|()| None)
         }
         TensorAction::Merge => {
             let dense: Vec<Option<SourceTensor<'_>>> = plan
@@ -827,15 +829,17 @@ fn produce_tensor(
                 rows_done: Some(&rows_done),
             };
             let st =
-                engine::merge_tensor(&job, &mut |bytes| write(bytes)).map_err(|e| match e {
-                    MergeTensorError::Write(e) => e,
-                    MergeTensorError::Engine(e) => Error::Tensor {
-                        path: match e.input {
-                            None => plan.reference.path().to_path_buf(),
-                            Some(i) => plan.models[i].path().to_path_buf(),
+                engine::merge_tensor(&job, &mut |bytes| write(Cow::Owned(bytes))).map_err(|e| {
+                    match e {
+                        MergeTensorError::Write(e) => e,
+                        MergeTensorError::Engine(e) => Error::Tensor {
+                            path: match e.input {
+                                None => plan.reference.path().to_path_buf(),
+                                Some(i) => plan.models[i].path().to_path_buf(),
+                            },
+                            source: e.source,
                         },
-                        source: e.source,
-                    },
+                    }
                 })?;
             Ok(Some(st))
         }
@@ -861,10 +865,9 @@ pub fn for_each_changed_tensor(
             .par_iter()
             .map(|&idx| {
                 let t = &plan.tensors[idx];
-                let mut bytes =
-                    Vec::with_capacity(nbytes(&t.shape, t.out_ty).unwrap_or(0) as usize);
+                let mut bytes = Vec::new();
                 produce_tensor(plan, idx, t.out_ty, false, &mut |b| {
-                    bytes.extend_from_slice(b);
+                    append(&mut bytes, b);
                     Ok(())
                 })?;
                 Ok(bytes)
@@ -875,6 +878,16 @@ pub fn for_each_changed_tensor(
         }
         Ok(())
     })
+}
+
+/// Appends `part` to `buf`, taking an owned part as the buffer when `buf` is empty (a tensor is
+/// often a single part) instead of copying it.
+fn append(buf: &mut Vec<u8>, part: Cow<'_, [u8]>) {
+    if buf.is_empty() {
+        *buf = part.into_owned();
+    } else {
+        buf.extend_from_slice(&part);
+    }
 }
 
 /// Output bytes of the consecutive small tensors [`run_plan`] computes together.
@@ -932,8 +945,8 @@ fn run_plan(
             let mut writer = GgufWriter::create(&opts.output, 3, &plan.metadata, &specs, &inputs)?;
             // A writer thread takes finished slabs through a short queue, so the next slab (and
             // the next tensor) is computed while the previous one is written.
-            enum Msg {
-                Part(Vec<u8>),
+            enum Msg<'p> {
+                Part(Cow<'p, [u8]>),
                 EndTensor,
             }
             let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(4);
@@ -957,7 +970,7 @@ fn run_plan(
                             progress.tensor(&t.name, idx, n);
                             let st = produce_tensor(plan, idx, t.out_ty, true, &mut |bytes| {
                                 progress.advance(bytes.len() as u64);
-                                tx.send(Msg::Part(bytes.to_vec())).map_err(|_| stopped())
+                                tx.send(Msg::Part(bytes)).map_err(|_| stopped())
                             })?;
                             if let Some(st) = st {
                                 totals.add(&st, t.out_ty);
@@ -969,29 +982,32 @@ fn run_plan(
                         }
                         // Small tensors, computed together; results (and the first error) in
                         // plan order, so output and report do not depend on scheduling.
-                        let computed: Vec<Result<(Vec<u8>, Option<engine::TensorStats>)>> = window
-                            .clone()
-                            .into_par_iter()
-                            .map(|idx| {
-                                let t = &plan.tensors[idx];
-                                let size = nbytes(&t.shape, t.out_ty).unwrap_or(0) as usize;
-                                let mut bytes = Vec::with_capacity(size);
-                                let st = produce_tensor(plan, idx, t.out_ty, true, &mut |b| {
-                                    bytes.extend_from_slice(b);
-                                    Ok(())
-                                })?;
-                                Ok((bytes, st))
-                            })
-                            .collect();
+                        type Parts<'p> = Vec<Cow<'p, [u8]>>;
+                        let computed: Vec<Result<(Parts<'_>, Option<engine::TensorStats>)>> =
+                            window
+                                .clone()
+                                .into_par_iter()
+                                .map(|idx| {
+                                    let t = &plan.tensors[idx];
+                                    let mut parts = Vec::new();
+                                    let st = produce_tensor(plan, idx, t.out_ty, true, &mut |b| {
+                                        parts.push(b);
+                                        Ok(())
+                                    })?;
+                                    Ok((parts, st))
+                                })
+                                .collect();
                         for (idx, r) in window.zip(computed) {
                             let t = &plan.tensors[idx];
-                            let (bytes, st) = r?;
+                            let (parts, st) = r?;
                             progress.tensor(&t.name, idx, n);
-                            progress.advance(bytes.len() as u64);
                             if let Some(st) = st {
                                 totals.add(&st, t.out_ty);
                             }
-                            tx.send(Msg::Part(bytes)).map_err(|_| stopped())?;
+                            for part in parts {
+                                progress.advance(part.len() as u64);
+                                tx.send(Msg::Part(part)).map_err(|_| stopped())?;
+                            }
                             tx.send(Msg::EndTensor).map_err(|_| stopped())?;
                             release_inputs(plan, &t.name);
                         }

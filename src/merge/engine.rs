@@ -12,7 +12,7 @@ use rayon::prelude::*;
 use crate::format::GgmlType;
 use crate::merge::kernel::{self, Combine, ModelSparsity, ScaleRule, Sparsifier};
 use crate::merge::mask::{self, MaskKey};
-use crate::merge::measure;
+use crate::merge::measure::{self, DeltaMeasure};
 use crate::merge::select::{self, HighHistogram, LowHistogram, RankCut};
 use crate::quant::{codec, QuantError};
 
@@ -203,25 +203,63 @@ pub struct EngineError {
     pub source: QuantError,
 }
 
-/// Per-thread work buffers of the main pass (merged values and their requantized-then-
-/// dequantized copy), reused across chunks and tensors instead of allocated per chunk.
+/// Per-thread work buffer of the main pass (merged values), reused across chunks and tensors
+/// instead of allocated per chunk.
 #[derive(Default)]
 struct Scratch {
     out: Vec<f32>,
-    back: Vec<f32>,
 }
 
 impl Scratch {
-    /// Both buffers, `len` long (contents unspecified: every user overwrites them whole).
-    fn take(&mut self, len: usize) -> (&mut [f32], &mut [f32]) {
+    /// The buffer, `len` long (contents unspecified: every user overwrites it whole).
+    fn take(&mut self, len: usize) -> &mut [f32] {
         self.out.resize(len, 0.0);
-        self.back.resize(len, 0.0);
-        (&mut self.out[..len], &mut self.back[..len])
+        &mut self.out[..len]
     }
 }
 
+/// Per-thread input buffers (the base's values and one delta per model), reused across chunks
+/// and tensors: fresh buffers per chunk cost page faults and zeroing in profiles.
+#[derive(Default)]
+struct Inputs {
+    base: Vec<f32>,
+    deltas: Vec<Vec<f32>>,
+    /// Per model, the delta measurement taken while loading (if it was).
+    measured: Vec<Option<DeltaMeasure>>,
+}
+
+impl Inputs {
+    /// The base buffer, `models` delta buffers (contents unspecified) and `models` empty
+    /// measurement slots.
+    fn take(&mut self, models: usize) -> Loaded<'_> {
+        if self.deltas.len() < models {
+            self.deltas.resize_with(models, Vec::new);
+        }
+        self.measured.clear();
+        self.measured.resize(models, None);
+        Loaded {
+            base: &mut self.base,
+            deltas: &mut self.deltas[..models],
+            measured: &mut self.measured,
+        }
+    }
+}
+
+/// One chunk's inputs as loaded: base values, deltas, and the deltas' measurements where
+/// loading took them.
+struct Loaded<'a> {
+    base: &'a mut Vec<f32>,
+    deltas: &'a mut [Vec<f32>],
+    measured: &'a mut [Option<DeltaMeasure>],
+}
+
+/// Elements dequantized at a time when loading a model's values to turn them into deltas: a
+/// multiple of every block size (1, 32, 256), small enough to stay in the L1 cache.
+const PIECE: usize = 512;
+
 thread_local! {
     static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+    static INPUTS: std::cell::RefCell<Inputs> = std::cell::RefCell::new(Inputs::default());
 }
 
 struct Chunk {
@@ -288,14 +326,20 @@ impl TensorJob<'_> {
 
     /// Dequantizes the base and the models for chunk `c` and turns model values into deltas
     /// (for linear merges, with no base, the "deltas" are the values themselves). Sparse inputs
-    /// are expanded: their kept values from `offsets` on, zeros elsewhere.
+    /// are expanded: their kept values from `offsets` on, zeros elsewhere. With `measure`,
+    /// dense models' deltas are measured on the way.
     fn load(
         &self,
         c: &Chunk,
         offsets: &[Vec<u64>],
-        base: &mut Vec<f32>,
-        deltas: &mut [Vec<f32>],
+        loaded: &mut Loaded<'_>,
+        measure: bool,
     ) -> Result<(), EngineError> {
+        let Loaded {
+            base,
+            deltas,
+            measured,
+        } = loaded;
         let n = c.rows * self.n_per_row;
         // Buffers are reused from chunk to chunk and overwritten whole: `resize` after
         // `truncate` only fills what grows (zero-filling every chunk showed in profiles).
@@ -314,10 +358,10 @@ impl TensorJob<'_> {
             fit(d);
             match m {
                 ModelInput::Dense(t) if !base.is_empty() => {
-                    // Dequantize, then check and subtract in one pass.
-                    codec::dequantize_into(t.ty, self.chunk_bytes(t, c), d);
-                    let bad = measure::subtract_finite(d, base);
+                    let mut m = measure.then(DeltaMeasure::default);
+                    let bad = self.load_delta(t, c, base, d, m.as_mut());
                     self.check_finite(bad, t, c, Some(i))?;
+                    measured[i] = m;
                 }
                 ModelInput::Dense(t) => self.dequant_rows(t, c, d, Some(i))?,
                 ModelInput::Sparse(sp) => {
@@ -332,6 +376,29 @@ impl TensorJob<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Writes model `t`'s deltas against `base` for chunk `c` into `d`, checking, subtracting
+    /// (and measuring) each dequantized piece in one pass; returns the index of the first
+    /// non-finite model value, if any.
+    fn load_delta(
+        &self,
+        t: &InputTensor<'_>,
+        c: &Chunk,
+        base: &[f32],
+        d: &mut [f32],
+        mut measure: Option<&mut DeltaMeasure>,
+    ) -> Option<usize> {
+        for_each_piece(t.ty, self.chunk_bytes(t, c), d.len(), |at, values| {
+            let range = at..at + values.len();
+            measure::subtract_measured(
+                values,
+                &base[range.clone()],
+                &mut d[range],
+                measure.as_deref_mut(),
+            )
+            .map(|i| at + i)
+        })
     }
 
     /// Writes the sparse delta's elements `start..start + out.len()` into `out`; `first` is the
@@ -433,15 +500,33 @@ impl TensorJob<'_> {
         offsets: &[Vec<u64>],
         f: impl Fn(&Chunk, &[f32], &mut [Vec<f32>]) -> R + Sync,
     ) -> Result<Vec<R>, EngineError> {
+        let parts = vec![(); chunks.len()];
+        self.for_chunks_with(chunks, offsets, parts, false, |c, (), loaded| {
+            f(c, loaded.base, loaded.deltas)
+        })
+    }
+
+    /// [`Self::for_chunks`] with one more argument per chunk, `parts[k]` going to chunk `k`
+    /// (e.g. the chunk's share of an output buffer), and the deltas measured while loading
+    /// where `measure` asks for it.
+    fn for_chunks_with<P: Send, R: Send>(
+        &self,
+        chunks: &[Chunk],
+        offsets: &[Vec<u64>],
+        parts: Vec<P>,
+        measure: bool,
+        f: impl Fn(&Chunk, P, Loaded<'_>) -> R + Sync,
+    ) -> Result<Vec<R>, EngineError> {
         chunks
             .par_iter()
-            .map_init(
-                || (Vec::new(), vec![Vec::new(); self.models.len()]),
-                |(base, deltas), c| {
-                    self.load(c, offsets, base, deltas)?;
-                    Ok(f(c, base, deltas))
-                },
-            )
+            .zip(parts)
+            .map(|(c, part)| {
+                INPUTS.with_borrow_mut(|inputs| {
+                    let mut loaded = inputs.take(self.models.len());
+                    self.load(c, offsets, &mut loaded, measure)?;
+                    Ok(f(c, part, loaded))
+                })
+            })
             .collect()
     }
 }
@@ -512,10 +597,12 @@ fn rank_cuts(
     Ok(cuts)
 }
 
-/// Merges one tensor; output bytes go to `write` in order, slab by slab.
+/// Merges one tensor; output bytes go to `write` in order, slab by slab (each slab's buffer
+/// is the callee's to keep: chunks are computed straight into it, and it is handed over, not
+/// copied).
 pub fn merge_tensor(
     job: &TensorJob<'_>,
-    write: &mut dyn FnMut(&[u8]) -> Result<(), crate::Error>,
+    write: &mut dyn FnMut(Vec<u8>) -> Result<(), crate::Error>,
 ) -> Result<TensorStats, MergeTensorError> {
     let chunks = job.chunks();
     let offsets = job.sparse_offsets(&chunks);
@@ -689,11 +776,28 @@ pub fn merge_tensor(
     };
     let chunks_per_slab = (SLAB_BYTES / (out_row * job.rows_per_chunk()).max(1)).max(1);
     for slab in chunks.chunks(chunks_per_slab) {
+        let slab_rows: usize = slab.iter().map(|c| c.rows).sum();
+        let mut slab_bytes = vec![0u8; slab_rows * out_row];
+        let mut parts = Vec::with_capacity(slab.len());
+        let mut rest = &mut slab_bytes[..];
+        for c in slab {
+            let (part, tail) = rest.split_at_mut(c.rows * out_row);
+            parts.push(part);
+            rest = tail;
+        }
         let results = job
-            .for_chunks(
+            .for_chunks_with(
                 slab,
                 &offsets,
-                |c, base, d| -> Result<(Vec<u8>, TensorStats), QuantError> {
+                parts,
+                job.measure,
+                |c, bytes: &mut [u8], loaded| -> Result<TensorStats, QuantError> {
+                    let Loaded {
+                        base,
+                        deltas: d,
+                        measured,
+                    } = loaded;
+                    let base: &[f32] = base;
                     let len = c.rows * job.n_per_row;
                     let start = (c.row0 * job.n_per_row) as u64;
                     let mut st = TensorStats {
@@ -709,10 +813,13 @@ pub fn merge_tensor(
                         st.step_blocks += blocks;
                     }
                     for (i, di) in d.iter().enumerate().filter(|_| job.measure) {
-                        (st.zero_deltas[i], st.delta_sumsq[i]) = measure::zeros_and_sumsq(di);
+                        (st.zero_deltas[i], st.delta_sumsq[i]) = match &measured[i] {
+                            Some(m) => m.totals(),
+                            None => measure::zeros_and_sumsq(di),
+                        };
                     }
                     SCRATCH.with_borrow_mut(|scratch| {
-                        let (out, back) = scratch.take(len);
+                        let out = scratch.take(len);
                         if spec.kind == Kind::Slerp {
                             for ((o, b), dv) in out.iter_mut().zip(base).zip(&d[0]) {
                                 *o = slerp.0 * b + slerp.1 * (b + dv);
@@ -720,14 +827,22 @@ pub fn merge_tensor(
                         } else {
                             for (i, di) in d.iter_mut().enumerate() {
                                 let s = sparsity_at(&sparsity, &equal_prefix, i, c);
-                                kernel::sparsify(sparsifier_of(i), &s, start, job.n_per_row, di);
+                                let counted = kernel::sparsify(
+                                    sparsifier_of(i),
+                                    &s,
+                                    start,
+                                    job.n_per_row,
+                                    di,
+                                );
                                 if job.measure {
-                                    st.kept[i] = measure::nonzeros(di);
+                                    st.kept[i] = counted.unwrap_or_else(|| measure::nonzeros(di));
                                 }
                             }
                             if job.output == JobOutput::SparseDelta {
-                                let bytes = d[0].iter().flat_map(|v| v.to_le_bytes()).collect();
-                                return Ok((bytes, st));
+                                for (b, v) in bytes.chunks_exact_mut(4).zip(&d[0]) {
+                                    b.copy_from_slice(&v.to_le_bytes());
+                                }
+                                return Ok(st);
                             }
                             kernel::combine(combine, base, d, &weights, out);
                         }
@@ -747,31 +862,29 @@ pub fn merge_tensor(
                                 .zip(base)
                                 .all(|(o, x)| o.to_bits() == x.to_bits())
                             {
-                                let bytes =
-                                    b.data[c.row0 * out_row..(c.row0 + c.rows) * out_row].to_vec();
-                                return Ok((bytes, st));
+                                bytes.copy_from_slice(
+                                    &b.data[c.row0 * out_row..(c.row0 + c.rows) * out_row],
+                                );
+                                return Ok(st);
                             }
                         }
-                        let mut bytes = vec![0u8; c.rows * out_row];
-                        codec::quantize_into(job.out_ty, out, job.n_per_row as u64, &mut bytes);
+                        codec::quantize_into(job.out_ty, out, job.n_per_row as u64, bytes);
                         if job.measure && !base.is_empty() {
-                            codec::dequantize_into(job.out_ty, &bytes, back);
                             (st.retention_num, st.retention_den) =
-                                measure::retention_sums(back, out, base);
+                                retention(job.out_ty, bytes, out, base);
                         }
-                        Ok((bytes, st))
+                        Ok(st)
                     })
                 },
             )
             .map_err(MergeTensorError::Engine)?;
         for r in results {
-            let (bytes, st) = r.map_err(|source| {
+            let st = r.map_err(|source| {
                 MergeTensorError::Engine(EngineError {
                     input: None,
                     source,
                 })
             })?;
-            write(&bytes).map_err(MergeTensorError::Write)?;
             for i in 0..m {
                 stats.zero_deltas[i] += st.zero_deltas[i];
                 stats.delta_sumsq[i] += st.delta_sumsq[i];
@@ -782,11 +895,54 @@ pub fn merge_tensor(
             stats.retention_num += st.retention_num;
             stats.retention_den += st.retention_den;
         }
+        write(slab_bytes).map_err(MergeTensorError::Write)?;
         if let (Some(done), Some(first), Some(last)) = (job.rows_done, slab.first(), slab.last()) {
             done(first.row0..last.row0 + last.rows);
         }
     }
     Ok(stats)
+}
+
+/// The delta retention terms ([`measure::retention_sums`]) of one chunk: `bytes` are `out`
+/// requantized to `ty`.
+fn retention(ty: GgmlType, bytes: &[u8], out: &[f32], base: &[f32]) -> (f64, f64) {
+    let mut r = measure::Retention::default();
+    for_each_piece(ty, bytes, out.len(), |at, back| {
+        let range = at..at + back.len();
+        r.add(back, &out[range.clone()], &base[range]);
+        None::<()>
+    });
+    r.totals()
+}
+
+/// Dequantizes the `len` elements in `bytes` (of type `ty`, whole blocks) [`PIECE`] at a time
+/// into a small buffer that stays in the L1 cache, calling `f(offset, values)` on each piece
+/// until it returns something (then returns that). A whole-buffer pass per step would stream
+/// every chunk-sized buffer through the slower caches again.
+fn for_each_piece<R>(
+    ty: GgmlType,
+    bytes: &[u8],
+    len: usize,
+    mut f: impl FnMut(usize, &[f32]) -> Option<R>,
+) -> Option<R> {
+    let block = ty.block_size() as usize;
+    let piece_bytes = PIECE / block.max(1) * ty.type_size() as usize;
+    if block == 0 || !PIECE.is_multiple_of(block) || piece_bytes == 0 {
+        // (No such type today.) The whole buffer at once.
+        let mut values = vec![0f32; len];
+        codec::dequantize_into(ty, bytes, &mut values);
+        return f(0, &values);
+    }
+    let mut values = [0f32; PIECE];
+    for (k, src) in bytes.chunks(piece_bytes).enumerate() {
+        let at = k * PIECE;
+        let v = &mut values[..PIECE.min(len.saturating_sub(at))];
+        codec::dequantize_into(ty, src, v);
+        if let Some(r) = f(at, v) {
+            return Some(r);
+        }
+    }
+    None
 }
 
 /// Why a tensor merge failed.
@@ -867,7 +1023,7 @@ mod tests {
     fn run(job: &TensorJob<'_>) -> (Vec<f32>, TensorStats) {
         let mut out = Vec::new();
         let st = merge_tensor(job, &mut |b| {
-            out.extend_from_slice(b);
+            out.extend_from_slice(&b);
             Ok(())
         })
         .map_err(|_| "merge failed")

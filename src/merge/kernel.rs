@@ -55,21 +55,26 @@ pub struct ModelSparsity {
 
 /// Applies the sparsifier to one chunk of one model's delta in place. `start` is the global
 /// index of `delta[0]` in the tensor; rows are `n_per_row` long and the chunk holds whole rows.
+///
+/// Returns the number of non-zero elements left where it was counted on the way (DARE), for
+/// the merge report; `None` where the caller must count them.
 pub fn sparsify(
     kind: Sparsifier,
     p: &ModelSparsity,
     start: u64,
     n_per_row: usize,
     delta: &mut [f32],
-) {
+) -> Option<u64> {
     match kind {
-        Sparsifier::None => {}
+        Sparsifier::None => None,
         Sparsifier::Random => {
             let scale = match p.scale {
                 ScaleRule::Factor(f) => f,
                 _ => 1.0,
             };
-            mask::dare_in_place(&p.key, p.density, start, delta, scale);
+            Some(mask::dare_in_place_nonzeros(
+                &p.key, p.density, start, delta, scale,
+            ))
         }
         Sparsifier::Magnitude | Sparsifier::Outliers => {
             let (mut seen_from, mut seen_until) = p.equal_before_chunk;
@@ -94,8 +99,12 @@ pub fn sparsify(
                     0.0
                 };
             }
+            None
         }
-        Sparsifier::Della => della_rows(p, start, n_per_row, delta),
+        Sparsifier::Della => {
+            della_rows(p, start, n_per_row, delta);
+            None
+        }
     }
 }
 

@@ -19,12 +19,14 @@
 //! feature is enabled, so this module has no `unsafe`. The results equal the portable path's
 //! bit for bit (tests in the parent module compare both with the scalar reference).
 
+use core::arch::x86_64::_CMP_NEQ_UQ;
+
 use safe_arch::{
     add_i32_m256i, bitand_m256, bitxor_m256i, blend_imm_i32_m256i, cast_to_m256_from_m256i,
-    cmp_gt_mask_i32_m256i, m256, m256i, move_mask_m256, mul_m256, mul_u64_low_bits_m256i,
-    permute2z_m256i, set_splat_i32_m256i, set_splat_m256, shl_imm_u64_m256i, shr_imm_u64_m256i,
-    unpack_high_i32_m256i, unpack_high_i64_m256i, unpack_low_i32_m256i, unpack_low_i64_m256i,
-    zeroed_m256i,
+    cmp_gt_mask_i32_m256i, cmp_op_mask_m256, m256, m256i, move_mask_m256, mul_m256,
+    mul_u64_low_bits_m256i, permute2z_m256i, set_splat_i32_m256i, set_splat_m256,
+    shl_imm_u64_m256i, shr_imm_u64_m256i, unpack_high_i32_m256i, unpack_high_i64_m256i,
+    unpack_low_i32_m256i, unpack_low_i64_m256i, zeroed_m256, zeroed_m256i,
 };
 
 use super::{Lanes, MaskKey, BATCH, LANES, PHILOX_M4X32_0, PHILOX_M4X32_1, PHILOX_W32_0};
@@ -156,9 +158,10 @@ fn element_order(w: Words) -> [m256i; 4] {
 
 /// DARE on one batch, the 64 elements of blocks `k..k + 16` (requires
 /// [`uniform_high_word`]`(k)`): each element becomes `value · scale` if its draw is below
-/// `threshold`, else `0.0`. Returns the number kept.
+/// `threshold`, else `0.0`. Returns the number kept, or with `NONZEROS` the number of non-zero
+/// results (NaN counts as non-zero).
 #[inline(always)]
-pub(super) fn dare_batch(
+pub(super) fn dare_batch<const NONZEROS: bool>(
     key: &MaskKey,
     threshold: u32,
     k: u64,
@@ -176,8 +179,13 @@ pub(super) fn dare_batch(
             let keep =
                 cast_to_m256_from_m256i(cmp_gt_mask_i32_m256i(limit, bitxor_m256i(draws, sign)));
             let v = &mut eights[4 * g + q];
-            *v = bitand_m256(mul_m256(m256::from(*v), scale), keep).into();
-            kept += move_mask_m256(keep).count_ones();
+            let r = bitand_m256(mul_m256(m256::from(*v), scale), keep);
+            *v = r.into();
+            kept += if NONZEROS {
+                move_mask_m256(cmp_op_mask_m256::<_CMP_NEQ_UQ>(r, zeroed_m256())).count_ones()
+            } else {
+                move_mask_m256(keep).count_ones()
+            };
         }
     }
     kept

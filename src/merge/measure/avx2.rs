@@ -1,84 +1,143 @@
-//! The `f64` reductions of the parent module with explicit AVX2 instructions, for builds where
-//! AVX2 is enabled at compile time (other builds use the portable loops).
+//! The reductions of the parent module with explicit AVX2 instructions, for builds where AVX2
+//! is enabled at compile time (other builds use the portable loops).
 //!
-//! The compiler turns the portable loops' `[f64; 8]` lanes into scalar shuffles rather than
-//! whole-register arithmetic (measured 0.85 vs 0.32 ns per element for `retention_sums`).
-//! These keep the same lanes — element `j` of each group of 8 goes to lane `j`, lanes 0–3 in
-//! one register and 4–7 in another — and the same operations (a product, then a sum; no fused
-//! multiply-add), so their results equal the portable loops' bit for bit (tested there).
-//! Intrinsics come from `safe_arch`, whose functions are safe, so there is no `unsafe` here.
+//! The same lanes as the portable loops — element `j` of each group of 16 goes to lane `j`,
+//! eight lanes per register — and the same operations (a product, then a sum; no fused
+//! multiply-add), so their results equal the portable loops' bit for bit (tested there); the
+//! compiler's version of the portable lane loops shuffled lanes through scalar registers
+//! (measured 0.85 vs 0.32 ns per element for an earlier `retention_sums`). Intrinsics come
+//! from `safe_arch`, whose functions are safe, so there is no `unsafe` here.
 
 use safe_arch::{
-    add_m256d, cast_to_m128_from_m256, cmp_op_mask_m256, convert_to_m256d_from_m128,
-    extract_m128_from_m256, load_unaligned_m256, m256, m256d, move_mask_m256, mul_m256d, sub_m256,
-    zeroed_m256, zeroed_m256d,
+    add_m256, bitand_m256, bitor_m256, cast_to_m256_from_m256i, cast_to_m256i_from_m256,
+    cmp_eq_mask_i32_m256i, cmp_op_mask_m256, load_unaligned_m256, m256, max_m256, min_m256,
+    move_mask_m256, mul_m256, set_splat_i32_m256i, sub_m256, zeroed_m256,
 };
 
 use super::LANES;
 
-/// Lanes 0–3 and 4–7 of `x`, widened to `f64`.
+/// `_CMP_EQ_OQ`: +0 and −0 are zero, NaN is not.
+const EQ: i32 = 0;
+/// `_CMP_NEQ_UQ`: true for NaN, as Rust's `!=`.
+const NEQ: i32 = 4;
+
+/// The 16 elements of a group as two registers of 8.
 #[inline(always)]
-fn widen(x: m256) -> (m256d, m256d) {
-    (
-        convert_to_m256d_from_m128(cast_to_m128_from_m256(x)),
-        convert_to_m256d_from_m128(extract_m128_from_m256::<1>(x)),
+fn load(g: &[f32; LANES]) -> [m256; 2] {
+    let (halves, _) = g.as_chunks::<8>();
+    [
+        load_unaligned_m256(&halves[0]),
+        load_unaligned_m256(&halves[1]),
+    ]
+}
+
+/// Two registers back to 16 lanes.
+#[inline(always)]
+fn lanes(r: [m256; 2]) -> [f32; LANES] {
+    let mut out = [0f32; LANES];
+    let (halves, _) = out.as_chunks_mut::<8>();
+    halves[0] = r[0].into();
+    halves[1] = r[1].into();
+    out
+}
+
+/// `acc += x²` lane by lane (a product, then a sum).
+#[inline(always)]
+fn add_squares(acc: &mut [m256; 2], x: [m256; 2]) {
+    for (a, x) in acc.iter_mut().zip(x) {
+        *a = add_m256(*a, mul_m256(x, x));
+    }
+}
+
+/// The number of lanes of a group equal to zero (`EQ`) or not (`NEQ`).
+#[inline(always)]
+fn count<const OP: i32>(v: [m256; 2]) -> u64 {
+    let zero = zeroed_m256();
+    u64::from(
+        move_mask_m256(cmp_op_mask_m256::<OP>(v[0], zero)).count_ones()
+            + move_mask_m256(cmp_op_mask_m256::<OP>(v[1], zero)).count_ones(),
     )
 }
 
-/// The eight lanes of two halves.
-#[inline(always)]
-fn lanes(lo: m256d, hi: m256d) -> [f64; LANES] {
-    let lo: [f64; 4] = lo.into();
-    let hi: [f64; 4] = hi.into();
-    [lo[0], lo[1], lo[2], lo[3], hi[0], hi[1], hi[2], hi[3]]
-}
-
-/// The number of non-zero elements (NaN counts as non-zero) over whole groups of 8.
+/// The number of non-zero elements (NaN counts as non-zero) over whole groups.
 pub(super) fn nonzeros(x: &[[f32; LANES]]) -> u64 {
-    // `_CMP_NEQ_UQ`: true for NaN, as Rust's `!=`.
-    const NEQ: i32 = 4;
-    let zero = zeroed_m256();
-    x.iter()
-        .map(|g| {
-            let v = load_unaligned_m256(g);
-            u64::from(move_mask_m256(cmp_op_mask_m256::<NEQ>(v, zero)).count_ones())
-        })
-        .sum()
+    x.iter().map(|g| count::<NEQ>(load(g))).sum()
 }
 
-/// Lane sums of `x²` and the number of exactly-zero elements over whole groups of 8.
-pub(super) fn zeros_and_sumsq(x: &[[f32; LANES]]) -> (u64, [f64; LANES]) {
-    // `_CMP_EQ_OQ`: +0 and −0 are zero, NaN is not.
-    const EQ: i32 = 0;
-    let zero = zeroed_m256();
-    let (mut s0, mut s1) = (zeroed_m256d(), zeroed_m256d());
+/// The number of exactly-zero elements and the lane sums of `x²` over whole groups.
+pub(super) fn zeros_and_squares(x: &[[f32; LANES]]) -> (u64, [f32; LANES]) {
+    let mut acc = [zeroed_m256(); 2];
     let mut zeros = 0u64;
     for g in x {
-        let v = load_unaligned_m256(g);
-        zeros += u64::from(move_mask_m256(cmp_op_mask_m256::<EQ>(v, zero)).count_ones());
-        let (lo, hi) = widen(v);
-        s0 = add_m256d(s0, mul_m256d(lo, lo));
-        s1 = add_m256d(s1, mul_m256d(hi, hi));
+        let v = load(g);
+        zeros += count::<EQ>(v);
+        add_squares(&mut acc, v);
     }
-    (zeros, lanes(s0, s1))
+    (zeros, lanes(acc))
 }
 
-/// Lane sums of `(q − b)·(o − b)` and `(o − b)²` over whole groups of 8.
-pub(super) fn retention_sums(
+/// `out = x − b` over whole groups, with the number of exactly-zero differences and the lane
+/// sums of their squares; `None` (with `out` partly written) if `x` holds a NaN or infinity.
+pub(super) fn subtract_measured(
+    x: &[[f32; LANES]],
+    b: &[[f32; LANES]],
+    out: &mut [[f32; LANES]],
+) -> Option<(u64, [f32; LANES])> {
+    let exponent = set_splat_i32_m256i(0x7f80_0000);
+    let exponent_bits = cast_to_m256_from_m256i(exponent);
+    let mut bad = zeroed_m256();
+    let mut acc = [zeroed_m256(); 2];
+    let mut zeros = 0u64;
+    for ((x, b), o) in x.iter().zip(b).zip(out.iter_mut()) {
+        let (x, b) = (load(x), load(b));
+        for h in x {
+            // All exponent bits set: infinite or NaN.
+            let e = cast_to_m256i_from_m256(bitand_m256(h, exponent_bits));
+            bad = bitor_m256(
+                bad,
+                cast_to_m256_from_m256i(cmp_eq_mask_i32_m256i(e, exponent)),
+            );
+        }
+        let v = [sub_m256(x[0], b[0]), sub_m256(x[1], b[1])];
+        *o = lanes(v);
+        zeros += count::<EQ>(v);
+        add_squares(&mut acc, v);
+    }
+    (move_mask_m256(bad) == 0).then(|| (zeros, lanes(acc)))
+}
+
+/// The lane sums of `(q − b)·(o − b)` and `(o − b)²` over whole groups.
+pub(super) fn retention_groups(
     q: &[[f32; LANES]],
     o: &[[f32; LANES]],
     b: &[[f32; LANES]],
-) -> ([f64; LANES], [f64; LANES]) {
-    let (mut n0, mut n1) = (zeroed_m256d(), zeroed_m256d());
-    let (mut d0, mut d1) = (zeroed_m256d(), zeroed_m256d());
+) -> ([f32; LANES], [f32; LANES]) {
+    let (mut num, mut den) = ([zeroed_m256(); 2], [zeroed_m256(); 2]);
     for ((q, o), b) in q.iter().zip(o).zip(b) {
-        let b = load_unaligned_m256(b);
-        let (q0, q1) = widen(sub_m256(load_unaligned_m256(q), b));
-        let (o0, o1) = widen(sub_m256(load_unaligned_m256(o), b));
-        n0 = add_m256d(n0, mul_m256d(q0, o0));
-        n1 = add_m256d(n1, mul_m256d(q1, o1));
-        d0 = add_m256d(d0, mul_m256d(o0, o0));
-        d1 = add_m256d(d1, mul_m256d(o1, o1));
+        let (q, o, b) = (load(q), load(o), load(b));
+        for k in 0..2 {
+            let delta = sub_m256(o[k], b[k]);
+            num[k] = add_m256(num[k], mul_m256(sub_m256(q[k], b[k]), delta));
+            den[k] = add_m256(den[k], mul_m256(delta, delta));
+        }
     }
-    (lanes(n0, n1), lanes(d0, d1))
+    (lanes(num), lanes(den))
+}
+
+/// The smallest and largest element of a block of whole groups of 8 (exact: any order gives
+/// the same values as the portable fold, NaN aside).
+pub(super) fn block_min_max(x: &[[f32; 8]]) -> (f32, f32) {
+    let mut lo = load_unaligned_m256(&[f32::MAX; 8]);
+    let mut hi = load_unaligned_m256(&[f32::MIN; 8]);
+    for g in x {
+        let v = load_unaligned_m256(g);
+        lo = min_m256(lo, v);
+        hi = max_m256(hi, v);
+    }
+    let lo: [f32; 8] = lo.into();
+    let hi: [f32; 8] = hi.into();
+    (
+        lo.iter().fold(f32::MAX, |a, &v| if v < a { v } else { a }),
+        hi.iter().fold(f32::MIN, |a, &v| if v > a { v } else { a }),
+    )
 }
