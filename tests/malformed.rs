@@ -340,13 +340,9 @@ fn sample_metadata() -> Metadata {
     set("t.f64", Value::F64(1e300));
     set(
         "tokenizer.ggml.tokens",
-        Value::Array(Array::String(vec![
-            "<s>".into(),
-            String::new(),
-            "héllo".into(),
-            " ".into(),
-            "\u{1F600}".into(),
-        ])),
+        Value::Array(Array::String(
+            ["<s>", "", "héllo", " ", "\u{1F600}"].into_iter().collect(),
+        )),
     );
     set(
         "tokenizer.ggml.scores",
@@ -363,7 +359,10 @@ fn sample_metadata() -> Metadata {
     set("t.u8s", Value::Array(Array::U8(vec![0, 1, 255])));
     set("t.u64s", Value::Array(Array::U64(vec![u64::MAX, 0])));
     set("t.f64s", Value::Array(Array::F64(vec![f64::MIN_POSITIVE])));
-    set("t.no_strings", Value::Array(Array::String(Vec::new())));
+    set(
+        "t.no_strings",
+        Value::Array(Array::String(Default::default())),
+    );
     md
 }
 

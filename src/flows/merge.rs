@@ -355,32 +355,45 @@ pub fn plan_merge_with_packs(
             }
         }
     };
-    let reference = open_model(&base_path, None)?;
-    let fallback = reference.metadata().and_then(HfConfig::from_gguf_metadata);
     // Each input is parsed once, all of them concurrently: a GGUF header with a 50k-token
-    // vocabulary takes milliseconds to read, serial time before any tensor is merged.
-    let opened: Vec<Result<(MergeInput, bool)>> = config
-        .models
-        .par_iter()
-        .map(|m| {
-            let path = Path::new(&m.model);
-            // (input, whether its base fingerprint still needs checking)
-            if let Some(p) = open.iter().find(|p| p.path() == path) {
-                return Ok((MergeInput::Pack(Arc::clone(p)), false));
-            }
-            if is_gguf_file(path) {
-                let file = GgufModel::open(path)?;
-                return Ok(if DeltaPack::is_pack_file(&file) {
-                    let pack = DeltaPack::from_file(path, file)?;
-                    (MergeInput::Pack(Arc::new(pack)), true)
-                } else {
-                    (MergeInput::Model(Box::new(file)), false)
-                });
-            }
-            Ok((
-                MergeInput::Model(open_model(path, fallback.as_ref())?),
-                false,
-            ))
+    // vocabulary takes milliseconds to read, serial time before any tensor is merged. GGUF
+    // models open alongside the base; safetensors ones need the base's architecture (their
+    // tensor names are mapped with it), so they open after it.
+    let (reference, gguf_models) = rayon::join(
+        || open_model(&base_path, None),
+        || {
+            config
+                .models
+                .par_iter()
+                .map(|m| {
+                    let path = Path::new(&m.model);
+                    // (input, whether its base fingerprint still needs checking)
+                    if let Some(p) = open.iter().find(|p| p.path() == path) {
+                        return Some(Ok((MergeInput::Pack(Arc::clone(p)), false)));
+                    }
+                    is_gguf_file(path).then(|| {
+                        let file = GgufModel::open(path)?;
+                        Ok(if DeltaPack::is_pack_file(&file) {
+                            let pack = DeltaPack::from_file(path, file)?;
+                            (MergeInput::Pack(Arc::new(pack)), true)
+                        } else {
+                            (MergeInput::Model(Box::new(file)), false)
+                        })
+                    })
+                })
+                .collect::<Vec<Option<Result<(MergeInput, bool)>>>>()
+        },
+    );
+    let reference = reference?;
+    let fallback = reference.metadata().and_then(HfConfig::from_gguf_metadata);
+    let opened: Vec<Result<(MergeInput, bool)>> = gguf_models
+        .into_par_iter()
+        .zip(&config.models)
+        .map(|(opened, m)| {
+            opened.unwrap_or_else(|| {
+                let model = open_model(Path::new(&m.model), fallback.as_ref())?;
+                Ok((MergeInput::Model(model), false))
+            })
         })
         .collect();
     let mut base_fingerprint: Option<String> = None;

@@ -16,7 +16,7 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 
 pub use read::{Header, TensorInfo};
-pub use value::{Array, Metadata, Value, ValueType};
+pub use value::{Array, Metadata, StringArray, Value, ValueType};
 pub use write::{GgufWriter, TensorSpec};
 
 use crate::format::error::{FormatError, Result};

@@ -8,7 +8,7 @@
 
 use std::path::{Path, PathBuf};
 
-use super::value::{Array, Metadata, Value, ValueType};
+use super::value::{Array, Metadata, StringArray, Value, ValueType};
 use crate::format::error::{FormatError, Result};
 use crate::format::ggml_type::{nbytes, GgmlType};
 
@@ -132,10 +132,15 @@ impl<'a> Cursor<'a> {
     }
 
     fn string(&mut self, what: &dyn Fn() -> String) -> Result<String> {
+        self.str(what).map(str::to_string)
+    }
+
+    /// A string, borrowed from the file.
+    fn str(&mut self, what: &dyn Fn() -> String) -> Result<&'a str> {
         let len = self.u64(what)?;
         let offset = self.pos as u64;
         let bytes = self.take(len, what)?;
-        String::from_utf8(bytes.to_vec()).map_err(|_| FormatError::InvalidUtf8 {
+        std::str::from_utf8(bytes).map_err(|_| FormatError::InvalidUtf8 {
             path: self.path.to_path_buf(),
             what: what(),
             offset,
@@ -223,9 +228,9 @@ fn read_value(c: &mut Cursor<'_>, key: &str, ty: ValueType) -> Result<Value> {
                     )
                 }
                 ValueType::String => {
-                    let mut v = Vec::with_capacity(n.min(MAX_PREALLOC));
+                    let mut v = StringArray::with_capacity(n.min(MAX_PREALLOC), 0);
                     for _ in 0..n {
-                        v.push(c.string(&what)?);
+                        v.push(c.str(&what)?);
                     }
                     Array::String(v)
                 }

@@ -31,60 +31,125 @@ pub(super) fn combine(
     out: &mut [f32],
 ) -> usize {
     // The scalar loop zips deltas with weights: extra entries of either are ignored.
-    let m = deltas.len().min(weights.len());
-    let (deltas, weights) = (&deltas[..m], &weights[..m]);
-    // Per model: its weight splat and its delta groups.
-    let models: Vec<(m256, &[[f32; GROUP]])> = deltas
-        .iter()
-        .zip(weights)
-        .map(|(d, &w)| (set_splat_m256(w), d[..out.len()].as_chunks::<GROUP>().0))
-        .collect();
-    let base_groups = if base.is_empty() {
-        None
+    match deltas.len().min(weights.len()) {
+        1 => combine_fixed::<1>(c, base, deltas, weights, out),
+        2 => combine_fixed::<2>(c, base, deltas, weights, out),
+        3 => combine_fixed::<3>(c, base, deltas, weights, out),
+        4 => combine_fixed::<4>(c, base, deltas, weights, out),
+        _ => combine_any(c, base, deltas, weights, out),
+    }
+}
+
+/// The shared constants of a combine.
+struct Consts {
+    zero: m256,
+    one: m256,
+    lambda: m256,
+    wsum: m256,
+}
+
+impl Consts {
+    fn new(c: Combine, weights: &[f32]) -> Consts {
+        Consts {
+            zero: zeroed_m256(),
+            one: set_splat_m256(1.0),
+            lambda: set_splat_m256(c.lambda),
+            wsum: set_splat_m256(super::weight_sum(weights)),
+        }
+    }
+}
+
+/// One group's output from its weighted deltas `x[i] = wᵢ·δᵢ` (in model order) and weights.
+#[inline(always)]
+fn mix(c: Combine, k: &Consts, x: &[m256], w: &[m256], b: m256) -> m256 {
+    let (sum, div) = if c.consensus {
+        // The sign vote s = Σ wᵢ·δᵢ (ties positive), then the sum and weight of the non-zero
+        // terms agreeing with it.
+        let mut vote = k.zero;
+        for &x in x {
+            vote = add_m256(vote, x);
+        }
+        let positive_vote = cmp_op_mask_m256::<_CMP_GE_OQ>(vote, k.zero);
+        let (mut sum, mut div) = (k.zero, k.zero);
+        for (&x, &w) in x.iter().zip(w) {
+            // x != 0 (true for NaN, as in Rust) and (x > 0) == (s >= 0).
+            let nonzero = cmp_op_mask_m256::<_CMP_NEQ_UQ>(x, k.zero);
+            let positive = cmp_op_mask_m256::<_CMP_GT_OQ>(x, k.zero);
+            let agree = bitandnot_m256(bitxor_m256(positive, positive_vote), nonzero);
+            // A disagreeing term adds +0, which leaves the sums' bits unchanged (they start
+            // at +0 and are never −0; see the portable version).
+            sum = add_m256(sum, bitand_m256(agree, x));
+            div = add_m256(div, bitand_m256(agree, w));
+        }
+        // No agreeing weight: divide by 1.
+        let none = cmp_op_mask_m256::<_CMP_EQ_OQ>(div, k.zero);
+        (sum, blend_varying_m256(div, k.one, none))
     } else {
-        Some(base[..out.len()].as_chunks::<GROUP>().0)
+        let mut sum = k.zero;
+        for &x in x {
+            sum = add_m256(sum, x);
+        }
+        (sum, k.wsum)
     };
-    let (zero, one) = (zeroed_m256(), set_splat_m256(1.0));
-    let lambda = set_splat_m256(c.lambda);
-    let wsum = set_splat_m256(super::weight_sum(weights));
+    let mixed = if c.normalize { div_m256(sum, div) } else { sum };
+    add_m256(b, mul_m256(k.lambda, mixed))
+}
+
+/// [`combine`] for exactly `M` models: the per-model values of a group stay in registers.
+fn combine_fixed<const M: usize>(
+    c: Combine,
+    base: &[f32],
+    deltas: &[Vec<f32>],
+    weights: &[f32],
+    out: &mut [f32],
+) -> usize {
+    let k = Consts::new(c, &weights[..M]);
     let (groups, _) = out.as_chunks_mut::<GROUP>();
+    let n = groups.len();
+    let d: [&[[f32; GROUP]]; M] =
+        core::array::from_fn(|i| &deltas[i][..n * GROUP].as_chunks::<GROUP>().0[..n]);
+    let w: [m256; M] = core::array::from_fn(|i| set_splat_m256(weights[i]));
+    let base_groups = (!base.is_empty()).then(|| &base[..n * GROUP].as_chunks::<GROUP>().0[..n]);
     for (g, o) in groups.iter_mut().enumerate() {
-        let (sum, div) = if c.consensus {
-            // The sign vote s = Σ wᵢ·δᵢ (ties positive), then the sum and weight of the
-            // non-zero terms agreeing with it.
-            let mut vote = zero;
-            for (w, d) in &models {
-                vote = add_m256(vote, mul_m256(*w, load_unaligned_m256(&d[g])));
-            }
-            let positive_vote = cmp_op_mask_m256::<_CMP_GE_OQ>(vote, zero);
-            let (mut sum, mut div) = (zero, zero);
-            for (w, d) in &models {
-                let x = mul_m256(*w, load_unaligned_m256(&d[g]));
-                // x != 0 (true for NaN, as in Rust) and (x > 0) == (s >= 0).
-                let nonzero = cmp_op_mask_m256::<_CMP_NEQ_UQ>(x, zero);
-                let positive = cmp_op_mask_m256::<_CMP_GT_OQ>(x, zero);
-                let agree = bitandnot_m256(bitxor_m256(positive, positive_vote), nonzero);
-                // A disagreeing term adds +0, which leaves the sums' bits unchanged (they
-                // start at +0 and are never −0; see the portable version).
-                sum = add_m256(sum, bitand_m256(agree, x));
-                div = add_m256(div, bitand_m256(agree, *w));
-            }
-            // No agreeing weight: divide by 1.
-            let none = cmp_op_mask_m256::<_CMP_EQ_OQ>(div, zero);
-            (sum, blend_varying_m256(div, one, none))
-        } else {
-            let mut sum = zero;
-            for (w, d) in &models {
-                sum = add_m256(sum, mul_m256(*w, load_unaligned_m256(&d[g])));
-            }
-            (sum, wsum)
-        };
-        let mixed = if c.normalize { div_m256(sum, div) } else { sum };
+        let x: [m256; M] = core::array::from_fn(|i| mul_m256(w[i], load_unaligned_m256(&d[i][g])));
         let b = match base_groups {
             Some(b) => load_unaligned_m256(&b[g]),
-            None => zero,
+            None => k.zero,
         };
-        *o = add_m256(b, mul_m256(lambda, mixed)).into();
+        *o = mix(c, &k, &x, &w, b).into();
     }
-    groups.len() * GROUP
+    n * GROUP
+}
+
+/// [`combine`] for any number of models.
+fn combine_any(
+    c: Combine,
+    base: &[f32],
+    deltas: &[Vec<f32>],
+    weights: &[f32],
+    out: &mut [f32],
+) -> usize {
+    let m = deltas.len().min(weights.len());
+    let (deltas, weights) = (&deltas[..m], &weights[..m]);
+    let k = Consts::new(c, weights);
+    let (groups, _) = out.as_chunks_mut::<GROUP>();
+    let n = groups.len();
+    let d: Vec<&[[f32; GROUP]]> = deltas
+        .iter()
+        .map(|d| &d[..n * GROUP].as_chunks::<GROUP>().0[..n])
+        .collect();
+    let w: Vec<m256> = weights.iter().map(|&w| set_splat_m256(w)).collect();
+    let base_groups = (!base.is_empty()).then(|| &base[..n * GROUP].as_chunks::<GROUP>().0[..n]);
+    let mut x = vec![k.zero; m];
+    for (g, o) in groups.iter_mut().enumerate() {
+        for ((x, w), d) in x.iter_mut().zip(&w).zip(&d) {
+            *x = mul_m256(*w, load_unaligned_m256(&d[g]));
+        }
+        let b = match base_groups {
+            Some(b) => load_unaligned_m256(&b[g]),
+            None => k.zero,
+        };
+        *o = mix(c, &k, &x, &w, b).into();
+    }
+    n * GROUP
 }
