@@ -293,6 +293,7 @@ pub fn extract_delta(
                 output: JobOutput::SparseDelta,
                 measure: true,
                 rows_done: None,
+                slabs: None,
             };
             let key = MaskKey::new(opts.seed, opts.stream, name);
             let mut values: Vec<f32> = Vec::new();

@@ -26,7 +26,7 @@ use crate::format::{nbytes, GgmlType};
 use crate::merge::config::{MergeConfig, Method, Rescale, TensorContext};
 use crate::merge::engine::{
     self, InputTensor, Kind, MergeTensorError, MethodSpec, ModelInput, ModelParams, RescaleMode,
-    SparseDelta, SparseMask, TensorJob,
+    SlabPool, SparseDelta, SparseMask, TensorJob,
 };
 use crate::merge::kernel::Sparsifier;
 use crate::quant::{plan_types, ModelFacts, PlanInput, Target, FTYPES};
@@ -634,10 +634,13 @@ pub fn plan_merge_with_packs(
         .threads
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
         as u64;
-    // Per thread: base, output and dequantized output chunks plus one per model, f32; two
-    // 64 Ki-bucket histograms for rank selection; one output slab.
-    let chunk = 64 * 1024 * 4u64;
-    let peak_memory = threads * (chunk * (models.len() as u64 + 3) + 2 * 65536 * 8) + (32 << 20);
+    // Per thread: base and output chunks plus one per model, f32; two 64 Ki-bucket histograms
+    // for rank selection. Output slabs: queued, being written, being computed (or a window of
+    // small tensors), and kept for reuse.
+    let chunk = engine::DEFAULT_CHUNK_ELEMS as u64 * 4;
+    let slabs = (QUEUED_PARTS + 2 + SlabPool::KEEP) as u64 * engine::SLAB_BYTES as u64;
+    let peak_memory =
+        threads * (chunk * (models.len() as u64 + 2) + 2 * 65536 * 8) + slabs + WINDOW_BYTES;
 
     let mut metadata = reference.metadata().cloned().unwrap_or_default();
     for k in ["split.no", "split.count", "split.tensors.count"] {
@@ -748,6 +751,7 @@ fn produce_tensor<'p>(
     idx: usize,
     out_ty: GgmlType,
     measure: bool,
+    slabs: Option<&SlabPool>,
     write: &mut dyn FnMut(Cow<'p, [u8]>) -> Result<()>,
 ) -> Result<Option<engine::TensorStats>> {
     let t = &plan.tensors[idx];
@@ -840,6 +844,7 @@ fn produce_tensor<'p>(
                 output: engine::JobOutput::Merged,
                 measure,
                 rows_done: Some(&rows_done),
+                slabs,
             };
             let st =
                 engine::merge_tensor(&job, &mut |bytes| write(Cow::Owned(bytes))).map_err(|e| {
@@ -879,7 +884,7 @@ pub fn for_each_changed_tensor(
             .map(|&idx| {
                 let t = &plan.tensors[idx];
                 let mut bytes = Vec::new();
-                produce_tensor(plan, idx, t.out_ty, false, &mut |b| {
+                produce_tensor(plan, idx, t.out_ty, false, None, &mut |b| {
                     append(&mut bytes, b);
                     Ok(())
                 })?;
@@ -903,8 +908,13 @@ fn append(buf: &mut Vec<u8>, part: Cow<'_, [u8]>) {
     }
 }
 
+/// Parts (slabs of at most 2 MiB, or small tensors) queued for the writer thread: while the
+/// writer lags (a page-cache copy runs at ~1 GB/s on a slow machine) computing goes on, up to
+/// 32 MiB ahead, instead of a worker blocking on the queue.
+const QUEUED_PARTS: usize = 16;
+
 /// Output bytes of the consecutive small tensors [`run_plan`] computes together.
-const WINDOW_BYTES: u64 = 8 << 20;
+const WINDOW_BYTES: u64 = 2 << 20;
 
 /// The plan's tensors in order, grouped into windows of consecutive tensors whose outputs add
 /// up to at most [`WINDOW_BYTES`]; a larger tensor is a window of its own.
@@ -962,12 +972,20 @@ fn run_plan(
                 Part(Cow<'p, [u8]>),
                 EndTensor,
             }
-            let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(4);
+            let (tx, rx) = std::sync::mpsc::sync_channel::<Msg>(QUEUED_PARTS);
+            // Written slabs come back for the next ones.
+            let slabs = SlabPool::default();
+            let pool = &slabs;
             std::thread::scope(|scope| {
                 let writing = scope.spawn(move || -> Result<u64> {
                     for msg in rx {
                         match msg {
-                            Msg::Part(bytes) => writer.write_part(&bytes)?,
+                            Msg::Part(bytes) => {
+                                writer.write_part(&bytes)?;
+                                if let Cow::Owned(buf) = bytes {
+                                    pool.give(buf);
+                                }
+                            }
                             Msg::EndTensor => writer.end_tensor()?,
                         }
                     }
@@ -981,10 +999,17 @@ fn run_plan(
                             let idx = window.start;
                             let t = &plan.tensors[idx];
                             progress.tensor(&t.name, idx, n);
-                            let st = produce_tensor(plan, idx, t.out_ty, true, &mut |bytes| {
-                                progress.advance(bytes.len() as u64);
-                                tx.send(Msg::Part(bytes)).map_err(|_| stopped())
-                            })?;
+                            let st = produce_tensor(
+                                plan,
+                                idx,
+                                t.out_ty,
+                                true,
+                                Some(pool),
+                                &mut |bytes| {
+                                    progress.advance(bytes.len() as u64);
+                                    tx.send(Msg::Part(bytes)).map_err(|_| stopped())
+                                },
+                            )?;
                             if let Some(st) = st {
                                 totals.add(&st, t.out_ty);
                             }
@@ -1003,10 +1028,17 @@ fn run_plan(
                                 .map(|idx| {
                                     let t = &plan.tensors[idx];
                                     let mut parts = Vec::new();
-                                    let st = produce_tensor(plan, idx, t.out_ty, true, &mut |b| {
-                                        parts.push(b);
-                                        Ok(())
-                                    })?;
+                                    let st = produce_tensor(
+                                        plan,
+                                        idx,
+                                        t.out_ty,
+                                        true,
+                                        Some(pool),
+                                        &mut |b| {
+                                            parts.push(b);
+                                            Ok(())
+                                        },
+                                    )?;
                                     Ok((parts, st))
                                 })
                                 .collect();
@@ -1077,14 +1109,15 @@ fn run_plan(
                     if current.as_ref().map(|c| c.0) != Some(i) {
                         progress.tensor(&plan.tensors[i].name, i, n);
                         let mut values: Vec<f32> = Vec::new();
-                        let st = produce_tensor(plan, i, GgmlType::F32, true, &mut |bytes| {
-                            values.extend(
-                                bytes
-                                    .chunks_exact(4)
-                                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
-                            );
-                            Ok(())
-                        })?;
+                        let st =
+                            produce_tensor(plan, i, GgmlType::F32, true, None, &mut |bytes| {
+                                values.extend(
+                                    bytes
+                                        .chunks_exact(4)
+                                        .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+                                );
+                                Ok(())
+                            })?;
                         if let Some(st) = st {
                             totals.add(&st, GgmlType::F32);
                         }

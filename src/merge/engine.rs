@@ -21,7 +21,7 @@ pub const DEFAULT_CHUNK_ELEMS: usize = 32 * 1024;
 /// The noise report estimates the base's quantization step from every this-many-th block.
 const STEP_SAMPLE_EVERY: usize = 8;
 /// Output bytes per slab handed to the writer.
-const SLAB_BYTES: usize = 8 << 20;
+pub const SLAB_BYTES: usize = 2 << 20;
 
 /// The shape of a merge method, as the engine sees it.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -164,6 +164,40 @@ pub struct TensorJob<'a> {
     /// Called with a row range once the main pass has written it: those rows of every input
     /// are not read again by this job (so a caller can release memory-mapped pages).
     pub rows_done: Option<&'a (dyn Fn(std::ops::Range<usize>) + Sync)>,
+    /// Where output slabs come from (and a caller returns them once written), if anywhere:
+    /// fresh buffers cost a page fault and zeroing per page, reused ones neither.
+    pub slabs: Option<&'a SlabPool>,
+}
+
+/// Output buffers handed back after use, for the next slabs: a merge's output then reuses a
+/// few buffers' pages instead of faulting in fresh memory for every slab. Holds at most
+/// [`SlabPool::KEEP`] buffers.
+#[derive(Default)]
+pub struct SlabPool {
+    free: std::sync::Mutex<Vec<Vec<u8>>>,
+}
+
+impl SlabPool {
+    /// Buffers kept for reuse at most (more are dropped).
+    pub const KEEP: usize = 8;
+
+    /// A buffer of `len` bytes with unspecified contents (reused if one is free).
+    pub fn take(&self, len: usize) -> Vec<u8> {
+        let reused = self.free.lock().ok().and_then(|mut f| f.pop());
+        let mut buf = reused.unwrap_or_default();
+        buf.truncate(len);
+        buf.resize(len, 0);
+        buf
+    }
+
+    /// Returns a buffer for reuse.
+    pub fn give(&self, buf: Vec<u8>) {
+        if let Ok(mut free) = self.free.lock() {
+            if free.len() < Self::KEEP {
+                free.push(buf);
+            }
+        }
+    }
 }
 
 /// What merging one tensor measured.
@@ -777,7 +811,11 @@ pub fn merge_tensor(
     let chunks_per_slab = (SLAB_BYTES / (out_row * job.rows_per_chunk()).max(1)).max(1);
     for slab in chunks.chunks(chunks_per_slab) {
         let slab_rows: usize = slab.iter().map(|c| c.rows).sum();
-        let mut slab_bytes = vec![0u8; slab_rows * out_row];
+        // Every chunk writes all of its bytes, so a reused buffer need not be cleared.
+        let mut slab_bytes = match job.slabs {
+            Some(pool) => pool.take(slab_rows * out_row),
+            None => vec![0u8; slab_rows * out_row],
+        };
         let mut parts = Vec::with_capacity(slab.len());
         let mut rest = &mut slab_bytes[..];
         for c in slab {
@@ -1069,6 +1107,7 @@ mod tests {
             output: JobOutput::Merged,
             measure: true,
             rows_done: None,
+            slabs: None,
         }
     }
 
