@@ -858,6 +858,7 @@ pub fn merge_tensor(
                     }
                     SCRATCH.with_borrow_mut(|scratch| {
                         let out = scratch.take(len);
+                        let mut finite = false;
                         if spec.kind == Kind::Slerp {
                             for ((o, b), dv) in out.iter_mut().zip(base).zip(&d[0]) {
                                 *o = slerp.0 * b + slerp.1 * (b + dv);
@@ -882,9 +883,10 @@ pub fn merge_tensor(
                                 }
                                 return Ok(st);
                             }
-                            kernel::combine(combine, base, d, &weights, out);
+                            finite = kernel::combine(combine, base, d, &weights, out);
                         }
-                        if let Some(i) = measure::first_non_finite(out) {
+                        if let Some(i) = (!finite).then(|| measure::first_non_finite(out)).flatten()
+                        {
                             return Err(QuantError::NonFinite {
                                 tensor: job.name.into(),
                                 index: start + i as u64,

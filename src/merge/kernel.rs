@@ -170,14 +170,32 @@ pub struct Combine {
 /// bit-identical to [`combine_scalar`], the plain reference, for every input (NaN payloads
 /// aside): each element sees the same IEEE operations in the same order, only several elements
 /// at once. Every delta and a non-empty `base` must be at least `out.len()` long.
-pub fn combine(c: Combine, base: &[f32], deltas: &[Vec<f32>], weights: &[f32], out: &mut [f32]) {
+///
+/// Returns whether every output value is finite (checked on the way, so the caller need not
+/// scan `out` again unless it is not).
+pub fn combine(
+    c: Combine,
+    base: &[f32],
+    deltas: &[Vec<f32>],
+    weights: &[f32],
+    out: &mut [f32],
+) -> bool {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
     if !portable_only() {
-        let done = avx2::combine(c, base, deltas, weights, out);
+        let (done, finite) = avx2::combine(c, base, deltas, weights, out);
         combine_blocks(c, base, deltas, weights, done, &mut out[done..]);
-        return;
+        return finite && all_finite(&out[done..]);
     }
     combine_blocks(c, base, deltas, weights, 0, out);
+    all_finite(out)
+}
+
+/// Whether no value is NaN or infinite (a branch-free scan that vectorizes).
+fn all_finite(x: &[f32]) -> bool {
+    const EXPONENT: u32 = 0x7f80_0000;
+    x.iter().fold(0u32, |a, v| {
+        a | u32::from(v.to_bits() & EXPONENT == EXPONENT)
+    }) == 0
 }
 
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
@@ -528,6 +546,30 @@ mod tests {
                     combine_scalar(c, &[], &deltas, &w, &mut slow);
                     assert!(same_bits(&fast, &slow), "{c:?} {w:?}: {fast:?} vs {slow:?}");
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn combine_reports_non_finite_output() {
+        // 20 elements: two AVX2 groups and a portable tail; one overflow in each part.
+        for at in [3, 19] {
+            let mut d = vec![1.0f32; 20];
+            d[at] = f32::MAX;
+            let deltas = vec![d.clone(), d];
+            let c = Combine {
+                consensus: false,
+                normalize: false,
+                lambda: 1.0,
+            };
+            for portable in [false, true] {
+                let mut out = [0f32; 20];
+                PORTABLE_ONLY.set(portable);
+                let finite = combine(c, &[], &deltas, &[1.0, 1.0], &mut out);
+                let finite_small = combine(c, &[], &deltas, &[1e-3, 1e-3], &mut out);
+                PORTABLE_ONLY.set(false);
+                assert!(!finite, "overflow at {at} (portable {portable})");
+                assert!(finite_small);
             }
         }
     }

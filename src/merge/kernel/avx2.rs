@@ -12,8 +12,10 @@
 use core::arch::x86_64::{_CMP_EQ_OQ, _CMP_GE_OQ, _CMP_GT_OQ, _CMP_NEQ_UQ};
 
 use safe_arch::{
-    add_m256, bitand_m256, bitandnot_m256, bitxor_m256, blend_varying_m256, cmp_op_mask_m256,
-    div_m256, load_unaligned_m256, m256, mul_m256, set_splat_m256, zeroed_m256,
+    add_m256, bitand_m256, bitand_m256i, bitandnot_m256, bitor_m256, bitxor_m256,
+    blend_varying_m256, cast_to_m256_from_m256i, cast_to_m256i_from_m256, cmp_eq_mask_i32_m256i,
+    cmp_op_mask_m256, div_m256, load_unaligned_m256, m256, move_mask_m256, mul_m256,
+    set_splat_i32_m256i, set_splat_m256, zeroed_m256,
 };
 
 use super::Combine;
@@ -22,14 +24,15 @@ use super::Combine;
 const GROUP: usize = 8;
 
 /// Combines the whole groups of 8 at the start of `out` (see [`super::combine`] for the
-/// meaning) and returns how many elements it wrote; the caller finishes the rest.
+/// meaning) and returns how many elements it wrote (the caller finishes the rest) and whether
+/// they are all finite.
 pub(super) fn combine(
     c: Combine,
     base: &[f32],
     deltas: &[Vec<f32>],
     weights: &[f32],
     out: &mut [f32],
-) -> usize {
+) -> (usize, bool) {
     // The scalar loop zips deltas with weights: extra entries of either are ignored.
     match deltas.len().min(weights.len()) {
         1 => combine_fixed::<1>(c, base, deltas, weights, out),
@@ -57,6 +60,14 @@ impl Consts {
             wsum: set_splat_m256(super::weight_sum(weights)),
         }
     }
+}
+
+/// All-ones lanes where `v` is NaN or infinite (every exponent bit set).
+#[inline(always)]
+fn non_finite(v: m256) -> m256 {
+    let exponent = set_splat_i32_m256i(0x7f80_0000);
+    let e = bitand_m256i(cast_to_m256i_from_m256(v), exponent);
+    cast_to_m256_from_m256i(cmp_eq_mask_i32_m256i(e, exponent))
 }
 
 /// One group's output from its weighted deltas `x[i] = wᵢ·δᵢ` (in model order) and weights.
@@ -102,7 +113,7 @@ fn combine_fixed<const M: usize>(
     deltas: &[Vec<f32>],
     weights: &[f32],
     out: &mut [f32],
-) -> usize {
+) -> (usize, bool) {
     let k = Consts::new(c, &weights[..M]);
     let (groups, _) = out.as_chunks_mut::<GROUP>();
     let n = groups.len();
@@ -110,15 +121,18 @@ fn combine_fixed<const M: usize>(
         core::array::from_fn(|i| &deltas[i][..n * GROUP].as_chunks::<GROUP>().0[..n]);
     let w: [m256; M] = core::array::from_fn(|i| set_splat_m256(weights[i]));
     let base_groups = (!base.is_empty()).then(|| &base[..n * GROUP].as_chunks::<GROUP>().0[..n]);
+    let mut bad = k.zero;
     for (g, o) in groups.iter_mut().enumerate() {
         let x: [m256; M] = core::array::from_fn(|i| mul_m256(w[i], load_unaligned_m256(&d[i][g])));
         let b = match base_groups {
             Some(b) => load_unaligned_m256(&b[g]),
             None => k.zero,
         };
-        *o = mix(c, &k, &x, &w, b).into();
+        let v = mix(c, &k, &x, &w, b);
+        bad = bitor_m256(bad, non_finite(v));
+        *o = v.into();
     }
-    n * GROUP
+    (n * GROUP, move_mask_m256(bad) == 0)
 }
 
 /// [`combine`] for any number of models.
@@ -128,7 +142,7 @@ fn combine_any(
     deltas: &[Vec<f32>],
     weights: &[f32],
     out: &mut [f32],
-) -> usize {
+) -> (usize, bool) {
     let m = deltas.len().min(weights.len());
     let (deltas, weights) = (&deltas[..m], &weights[..m]);
     let k = Consts::new(c, weights);
@@ -141,6 +155,7 @@ fn combine_any(
     let w: Vec<m256> = weights.iter().map(|&w| set_splat_m256(w)).collect();
     let base_groups = (!base.is_empty()).then(|| &base[..n * GROUP].as_chunks::<GROUP>().0[..n]);
     let mut x = vec![k.zero; m];
+    let mut bad = k.zero;
     for (g, o) in groups.iter_mut().enumerate() {
         for ((x, w), d) in x.iter_mut().zip(&w).zip(&d) {
             *x = mul_m256(*w, load_unaligned_m256(&d[g]));
@@ -149,7 +164,9 @@ fn combine_any(
             Some(b) => load_unaligned_m256(&b[g]),
             None => k.zero,
         };
-        *o = mix(c, &k, &x, &w, b).into();
+        let v = mix(c, &k, &x, &w, b);
+        bad = bitor_m256(bad, non_finite(v));
+        *o = v.into();
     }
-    n * GROUP
+    (n * GROUP, move_mask_m256(bad) == 0)
 }
