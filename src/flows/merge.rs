@@ -754,6 +754,42 @@ fn produce_tensor<'p>(
     slabs: Option<&SlabPool>,
     write: &mut dyn FnMut(Cow<'p, [u8]>) -> Result<()>,
 ) -> Result<Option<engine::TensorStats>> {
+    produce(plan, idx, out_ty, measure, Sink::Parts(slabs, write))
+}
+
+/// Where [`produce`] puts a tensor's bytes.
+enum Sink<'s, 'p> {
+    /// Handed over in order, part by part (slabs from the pool, if any).
+    Parts(
+        Option<&'s SlabPool>,
+        &'s mut dyn FnMut(Cow<'p, [u8]>) -> Result<()>,
+    ),
+    /// The whole tensor in one buffer, computed in place.
+    Whole(&'s mut Vec<u8>),
+}
+
+/// Output tensor `idx` of the plan as `out_ty` bytes, into `sink`; the engine's measurements
+/// for a merged tensor (`None` for a copy).
+fn produce<'p>(
+    plan: &'p MergePlan,
+    idx: usize,
+    out_ty: GgmlType,
+    measure: bool,
+    sink: Sink<'_, 'p>,
+) -> Result<Option<engine::TensorStats>> {
+    let (slabs, mut sink) = match sink {
+        Sink::Parts(slabs, write) => (slabs, Sink::Parts(None, write)),
+        whole => (None, whole),
+    };
+    fn emit<'p>(sink: &mut Sink<'_, 'p>, bytes: Cow<'p, [u8]>) -> Result<()> {
+        match sink {
+            Sink::Parts(_, write) => write(bytes),
+            Sink::Whole(buf) => {
+                **buf = bytes.into_owned();
+                Ok(())
+            }
+        }
+    }
     let t = &plan.tensors[idx];
     let base = plan.reference.tensor(&t.name)?.ok_or_else(|| {
         Error::Invalid(format!(
@@ -767,13 +803,13 @@ fn produce_tensor<'p>(
         source,
     };
     match t.action {
-        TensorAction::Copy if out_ty == base.ty => write(base.data).map(|()| None),
+        TensorAction::Copy if out_ty == base.ty => emit(&mut sink, base.data).map(|()| None),
         TensorAction::Copy | TensorAction::Requantize => {
             let size = nbytes(&t.shape, out_ty).unwrap_or(0) as usize;
             let mut out = vec![0u8; size];
             crate::quant::convert(base.ty, &base.data, out_ty, &mut out, t.shape[0], &t.name)
                 .map_err(base_err)?;
-            write(Cow::Owned(out)).map(|()| None)
+            emit(&mut sink, Cow::Owned(out)).map(|()| None)
         }
         TensorAction::Merge => {
             let dense: Vec<Option<SourceTensor<'_>>> = plan
@@ -846,19 +882,26 @@ fn produce_tensor<'p>(
                 rows_done: Some(&rows_done),
                 slabs,
             };
-            let st =
-                engine::merge_tensor(&job, &mut |bytes| write(Cow::Owned(bytes))).map_err(|e| {
-                    match e {
-                        MergeTensorError::Write(e) => e,
-                        MergeTensorError::Engine(e) => Error::Tensor {
-                            path: match e.input {
-                                None => plan.reference.path().to_path_buf(),
-                                Some(i) => plan.models[i].path().to_path_buf(),
-                            },
-                            source: e.source,
-                        },
-                    }
-                })?;
+            let merged = match &mut sink {
+                Sink::Whole(buf) => {
+                    // Zeroed pages come from the kernel lazily; every byte is then computed.
+                    **buf = vec![0u8; nbytes(&t.shape, out_ty).unwrap_or(0) as usize];
+                    engine::merge_tensor_into(&job, buf)
+                }
+                Sink::Parts(_, write) => {
+                    engine::merge_tensor(&job, &mut |bytes| write(Cow::Owned(bytes)))
+                }
+            };
+            let st = merged.map_err(|e| match e {
+                MergeTensorError::Write(e) => e,
+                MergeTensorError::Engine(e) => Error::Tensor {
+                    path: match e.input {
+                        None => plan.reference.path().to_path_buf(),
+                        Some(i) => plan.models[i].path().to_path_buf(),
+                    },
+                    source: e.source,
+                },
+            })?;
             Ok(Some(st))
         }
     }
@@ -884,10 +927,7 @@ pub fn for_each_changed_tensor(
             .map(|&idx| {
                 let t = &plan.tensors[idx];
                 let mut bytes = Vec::new();
-                produce_tensor(plan, idx, t.out_ty, false, None, &mut |b| {
-                    append(&mut bytes, b);
-                    Ok(())
-                })?;
+                produce(plan, idx, t.out_ty, false, Sink::Whole(&mut bytes))?;
                 Ok(bytes)
             })
             .collect::<Result<_>>()?;
@@ -896,16 +936,6 @@ pub fn for_each_changed_tensor(
         }
         Ok(())
     })
-}
-
-/// Appends `part` to `buf`, taking an owned part as the buffer when `buf` is empty (a tensor is
-/// often a single part) instead of copying it.
-fn append(buf: &mut Vec<u8>, part: Cow<'_, [u8]>) {
-    if buf.is_empty() {
-        *buf = part.into_owned();
-    } else {
-        buf.extend_from_slice(&part);
-    }
 }
 
 /// Parts (slabs of at most 2 MiB, or small tensors) queued for the writer thread: while the

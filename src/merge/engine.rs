@@ -638,6 +638,41 @@ pub fn merge_tensor(
     job: &TensorJob<'_>,
     write: &mut dyn FnMut(Vec<u8>) -> Result<(), crate::Error>,
 ) -> Result<TensorStats, MergeTensorError> {
+    merge_slabs(job, None, write)
+}
+
+/// Merges one tensor into `dst`, which must hold exactly the output tensor's bytes: slabs are
+/// computed in place, with no buffer per slab and no copy (for a caller that keeps the whole
+/// tensor anyway).
+pub fn merge_tensor_into(
+    job: &TensorJob<'_>,
+    dst: &mut [u8],
+) -> Result<TensorStats, MergeTensorError> {
+    let out_ty = match job.output {
+        JobOutput::Merged => job.out_ty,
+        JobOutput::SparseDelta => GgmlType::F32,
+    };
+    let want = out_ty.row_bytes(job.n_per_row as u64).unwrap_or(0) as usize * job.n_rows;
+    if dst.len() != want {
+        return Err(MergeTensorError::Engine(EngineError {
+            input: None,
+            source: QuantError::SizeMismatch {
+                tensor: job.name.into(),
+                expected: want as u64,
+                found: dst.len() as u64,
+            },
+        }));
+    }
+    merge_slabs(job, Some(dst), &mut |_| Ok(()))
+}
+
+/// [`merge_tensor`] (slabs handed to `write`) or [`merge_tensor_into`] (slabs are parts of
+/// `dst`).
+fn merge_slabs(
+    job: &TensorJob<'_>,
+    mut dst: Option<&mut [u8]>,
+    write: &mut dyn FnMut(Vec<u8>) -> Result<(), crate::Error>,
+) -> Result<TensorStats, MergeTensorError> {
     let chunks = job.chunks();
     let offsets = job.sparse_offsets(&chunks);
     let n = (job.n_per_row * job.n_rows) as u64;
@@ -812,9 +847,24 @@ pub fn merge_tensor(
     for slab in chunks.chunks(chunks_per_slab) {
         let slab_rows: usize = slab.iter().map(|c| c.rows).sum();
         // Every chunk writes all of its bytes, so a reused buffer need not be cleared.
-        let mut slab_bytes = match job.slabs {
-            Some(pool) => pool.take(slab_rows * out_row),
-            None => vec![0u8; slab_rows * out_row],
+        let slab_len = slab_rows * out_row;
+        let (mut owned, mut into) = (Vec::new(), None);
+        match dst.take() {
+            Some(d) => {
+                let (here, later) = d.split_at_mut(slab_len.min(d.len()));
+                into = Some(here);
+                dst = Some(later);
+            }
+            None => {
+                owned = match job.slabs {
+                    Some(pool) => pool.take(slab_len),
+                    None => vec![0u8; slab_len],
+                }
+            }
+        }
+        let slab_bytes: &mut [u8] = match into {
+            Some(d) => d,
+            None => &mut owned,
         };
         let mut parts = Vec::with_capacity(slab.len());
         let mut rest = &mut slab_bytes[..];
@@ -935,7 +985,9 @@ pub fn merge_tensor(
             stats.retention_num += st.retention_num;
             stats.retention_den += st.retention_den;
         }
-        write(slab_bytes).map_err(MergeTensorError::Write)?;
+        if dst.is_none() {
+            write(owned).map_err(MergeTensorError::Write)?;
+        }
         if let (Some(done), Some(first), Some(last)) = (job.rows_done, slab.first(), slab.last()) {
             done(first.row0..last.row0 + last.rows);
         }
@@ -1205,6 +1257,59 @@ mod tests {
             (kept - 0.1).abs() < 5.0 * (0.1 * 0.9 / n as f64).sqrt(),
             "kept {kept}"
         );
+    }
+
+    #[test]
+    fn merging_into_a_buffer_equals_streaming_slabs() {
+        // Q8_0 output over several slabs (and a pool that hands back dirty buffers).
+        let (n_per_row, rows) = (1024, 2300);
+        let base_v: Vec<f32> = (0..n_per_row * rows)
+            .map(|i| (i as f32 * 0.013).sin())
+            .collect();
+        let base = f32_bytes(&base_v);
+        let m = f32_bytes(
+            &base_v
+                .iter()
+                .enumerate()
+                .map(|(i, b)| b + (i % 11) as f32 * 1e-3)
+                .collect::<Vec<_>>(),
+        );
+        let dare = MethodSpec {
+            kind: Kind::TaskVector,
+            sparsifier: Sparsifier::Random,
+            consensus: true,
+            normalize: true,
+            rescale: RescaleMode::Inverse,
+        };
+        let pool = SlabPool::default();
+        pool.give(vec![0xAB; 3 << 20]);
+        let mut j = job(
+            &base,
+            &[&m, &base],
+            vec![p(0.7, 0.2, 0), p(0.3, 0.5, 1)],
+            dare,
+            n_per_row,
+        );
+        j.out_ty = GgmlType::Q8_0;
+        j.slabs = Some(&pool);
+        let mut streamed = Vec::new();
+        let mut slabs = 0;
+        let st = merge_tensor(&j, &mut |b| {
+            streamed.extend_from_slice(&b);
+            slabs += 1;
+            Ok(())
+        })
+        .map_err(|_| "merge failed")
+        .unwrap();
+        assert!(slabs > 1, "{slabs} slab(s)");
+        let mut whole = vec![0u8; streamed.len()];
+        let st2 = merge_tensor_into(&j, &mut whole)
+            .map_err(|_| "merge failed")
+            .unwrap();
+        assert_eq!(whole, streamed);
+        assert_eq!(st, st2);
+        let mut short = vec![0u8; streamed.len() - 34];
+        assert!(merge_tensor_into(&j, &mut short).is_err());
     }
 
     #[test]
