@@ -12,8 +12,9 @@
 
 /// Independent accumulators per reduction (two AVX2 registers of `f32`).
 const LANES: usize = 16;
-/// Elements per block of `f32` lane sums.
-const BLOCK: usize = 256;
+/// Elements per block of `f32` lane sums (pieces measured one after another must be whole
+/// blocks, except the last).
+pub const BLOCK: usize = 256;
 
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
 mod avx2;
