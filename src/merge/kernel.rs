@@ -181,7 +181,7 @@ pub fn combine(
     out: &mut [f32],
 ) -> bool {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    if !portable_only() {
+    if super::simd::use_avx2() {
         let (done, finite) = avx2::combine(c, base, deltas, weights, out);
         combine_blocks(c, base, deltas, weights, done, &mut out[done..]);
         return finite && all_finite(&out[done..]);
@@ -214,21 +214,6 @@ fn weight_sum(weights: &[f32]) -> f32 {
     } else {
         wsum
     }
-}
-
-#[cfg(test)]
-thread_local! {
-    /// Tests set this to check the portable [`combine_blocks`] where the AVX2 one is built.
-    static PORTABLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether [`combine`] skips its AVX2 kernel (only tests ask).
-#[inline(always)]
-fn portable_only() -> bool {
-    #[cfg(test)]
-    return PORTABLE_ONLY.get();
-    #[cfg(not(test))]
-    false
 }
 
 /// Elements per block of [`combine`]: its per-element accumulators for one block live on the
@@ -410,6 +395,7 @@ pub fn slerp_coefficients(t: f64, dot: f64, norm0_sq: f64, norm1_sq: f64) -> (f3
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::merge::simd::with_portable;
     use proptest::prelude::*;
 
     fn c(consensus: bool, normalize: bool) -> Combine {
@@ -510,9 +496,7 @@ mod tests {
             combine_scalar(c, &base, &deltas, &weights, &mut slow);
             // The AVX2 kernel where built, and the portable one.
             for portable in [false, true] {
-                PORTABLE_ONLY.set(portable);
-                combine(c, &base, &deltas, &weights, &mut fast);
-                PORTABLE_ONLY.set(false);
+                with_portable(portable, || combine(c, &base, &deltas, &weights, &mut fast));
                 prop_assert!(
                     same_bits(&fast, &slow),
                     "{c:?} portable {portable}\nfast {fast:?}\nslow {slow:?}"
@@ -540,9 +524,7 @@ mod tests {
                     .collect();
                 for portable in [false, true] {
                     let (mut fast, mut slow) = ([9.0; 9], [9.0; 9]);
-                    PORTABLE_ONLY.set(portable);
-                    combine(c, &[], &deltas, &w, &mut fast);
-                    PORTABLE_ONLY.set(false);
+                    with_portable(portable, || combine(c, &[], &deltas, &w, &mut fast));
                     combine_scalar(c, &[], &deltas, &w, &mut slow);
                     assert!(same_bits(&fast, &slow), "{c:?} {w:?}: {fast:?} vs {slow:?}");
                 }
@@ -564,10 +546,12 @@ mod tests {
             };
             for portable in [false, true] {
                 let mut out = [0f32; 20];
-                PORTABLE_ONLY.set(portable);
-                let finite = combine(c, &[], &deltas, &[1.0, 1.0], &mut out);
-                let finite_small = combine(c, &[], &deltas, &[1e-3, 1e-3], &mut out);
-                PORTABLE_ONLY.set(false);
+                let (finite, finite_small) = with_portable(portable, || {
+                    (
+                        combine(c, &[], &deltas, &[1.0, 1.0], &mut out),
+                        combine(c, &[], &deltas, &[1e-3, 1e-3], &mut out),
+                    )
+                });
                 assert!(!finite, "overflow at {at} (portable {portable})");
                 assert!(finite_small);
             }

@@ -19,22 +19,8 @@ pub const BLOCK: usize = 256;
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
 mod avx2;
 
-#[cfg(test)]
-thread_local! {
-    /// Tests set this to compare the portable loops with the AVX2 ones on the same input.
-    static PORTABLE_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
-}
-
-/// Whether the AVX2 kernels run (where built): always, except in tests that ask for the
-/// portable loops.
 #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-#[inline(always)]
-fn use_avx2() -> bool {
-    #[cfg(test)]
-    return !PORTABLE_ONLY.get();
-    #[cfg(not(test))]
-    true
-}
+use super::simd::use_avx2;
 
 /// Sums lanes in order.
 #[inline(always)]
@@ -338,6 +324,7 @@ fn non_finite_in(part: &[f32]) -> Option<usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::merge::simd::with_portable;
 
     fn sample(n: usize) -> Vec<f32> {
         (0..n)
@@ -391,14 +378,13 @@ mod tests {
             .collect();
         let q: Vec<f32> = o.iter().map(|v| (v * 32.0).round() / 32.0).collect();
         let run = |portable: bool| {
-            PORTABLE_ONLY.set(portable);
-            let r = (
-                zeros_and_sumsq(&b),
-                retention_sums(&q, &o, &b),
-                nonzeros(&b),
-            );
-            PORTABLE_ONLY.set(false);
-            r
+            with_portable(portable, || {
+                (
+                    zeros_and_sumsq(&b),
+                    retention_sums(&q, &o, &b),
+                    nonzeros(&b),
+                )
+            })
         };
         let (fast, portable) = (run(false), run(true));
         assert_eq!(fast.0 .0, portable.0 .0);
@@ -427,36 +413,36 @@ mod tests {
         let whole = zeros_and_sumsq(&want);
         let (r_num, r_den) = retention_sums(&x, &want, &b);
         for portable in [false, true] {
-            PORTABLE_ONLY.set(portable);
-            for piece in [BLOCK, 2 * BLOCK, 5000] {
-                let mut out = vec![0f32; x.len()];
-                let mut m = DeltaMeasure::default();
-                let mut r = Retention::default();
-                for ((xs, bs), os) in x
-                    .chunks(piece)
-                    .zip(b.chunks(piece))
-                    .zip(out.chunks_mut(piece))
-                {
-                    assert_eq!(subtract_measured(xs, bs, os, Some(&mut m)), None);
-                    r.add(xs, os, bs);
+            with_portable(portable, || {
+                for piece in [BLOCK, 2 * BLOCK, 5000] {
+                    let mut out = vec![0f32; x.len()];
+                    let mut m = DeltaMeasure::default();
+                    let mut r = Retention::default();
+                    for ((xs, bs), os) in x
+                        .chunks(piece)
+                        .zip(b.chunks(piece))
+                        .zip(out.chunks_mut(piece))
+                    {
+                        assert_eq!(subtract_measured(xs, bs, os, Some(&mut m)), None);
+                        r.add(xs, os, bs);
+                    }
+                    assert_eq!(out, want);
+                    assert_eq!(m.totals().0, whole.0);
+                    assert_eq!(m.totals().1.to_bits(), whole.1.to_bits());
+                    assert_eq!(r.totals().0.to_bits(), r_num.to_bits());
+                    assert_eq!(r.totals().1.to_bits(), r_den.to_bits());
                 }
-                assert_eq!(out, want);
-                assert_eq!(m.totals().0, whole.0);
-                assert_eq!(m.totals().1.to_bits(), whole.1.to_bits());
-                assert_eq!(r.totals().0.to_bits(), r_num.to_bits());
-                assert_eq!(r.totals().1.to_bits(), r_den.to_bits());
-            }
-            // A non-finite model value is found wherever it is, measured or not.
-            for bad in [3, 700, 4999] {
-                let mut y = x.clone();
-                y[bad] = f32::NAN;
-                let mut out = vec![0f32; y.len()];
-                let mut m = DeltaMeasure::default();
-                assert_eq!(subtract_measured(&y, &b, &mut out, Some(&mut m)), Some(bad));
-                y[bad] = f32::NEG_INFINITY;
-                assert_eq!(subtract_measured(&y, &b, &mut out, None), Some(bad));
-            }
-            PORTABLE_ONLY.set(false);
+                // A non-finite model value is found wherever it is, measured or not.
+                for bad in [3, 700, 4999] {
+                    let mut y = x.clone();
+                    y[bad] = f32::NAN;
+                    let mut out = vec![0f32; y.len()];
+                    let mut m = DeltaMeasure::default();
+                    assert_eq!(subtract_measured(&y, &b, &mut out, Some(&mut m)), Some(bad));
+                    y[bad] = f32::NEG_INFINITY;
+                    assert_eq!(subtract_measured(&y, &b, &mut out, None), Some(bad));
+                }
+            });
         }
     }
 

@@ -7,6 +7,7 @@
 //! - [`kernel`] — per-chunk arithmetic: sparsify, sign election, combine, SLERP.
 //! - [`measure`] — per-chunk measurements for the report (delta noise, retention) and the
 //!   finiteness check, as fixed-order vectorizable reductions.
+//! - `simd` — which path the hot loops take (AVX2 kernels or portable loops).
 //! - [`engine`] — one tensor, streamed: statistics passes, then dequantize → merge →
 //!   requantize chunk by chunk in parallel.
 //!
@@ -19,3 +20,4 @@ pub mod kernel;
 pub mod mask;
 pub mod measure;
 pub mod select;
+mod simd;
