@@ -396,27 +396,7 @@ pub fn dare_in_place(
     values: &mut [f32],
     scale: f32,
 ) -> u64 {
-    let Some(threshold) = keep_threshold(density) else {
-        for v in values.iter_mut() {
-            *v *= scale;
-        }
-        return values.len() as u64;
-    };
-    if threshold == 0 {
-        values.fill(0.0);
-        return 0;
-    }
-    let apply = |v: &mut f32, keep: bool| {
-        *v = if keep { *v * scale } else { 0.0 };
-        u32::from(keep)
-    };
-    threshold_each(key, threshold, start, values, apply, |k, batch| {
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-        if avx2::uniform_high_word(k) {
-            return avx2::dare_batch::<false>(key, threshold, k, batch, scale);
-        }
-        apply_lanes(key, threshold, k, batch, &apply)
-    })
+    dare::<false>(key, density, start, values, scale)
 }
 
 /// [`dare_in_place`], returning instead the number of elements that are non-zero afterwards
@@ -429,11 +409,24 @@ pub fn dare_in_place_nonzeros(
     values: &mut [f32],
     scale: f32,
 ) -> u64 {
+    dare::<true>(key, density, start, values, scale)
+}
+
+/// DARE in place, counting kept elements or (`NONZEROS`) non-zero results.
+#[inline(always)]
+fn dare<const NONZEROS: bool>(
+    key: &MaskKey,
+    density: f64,
+    start: u64,
+    values: &mut [f32],
+    scale: f32,
+) -> u64 {
+    let count = |v: f32, keep: bool| u32::from(if NONZEROS { v != 0.0 } else { keep });
     let Some(threshold) = keep_threshold(density) else {
         for v in values.iter_mut() {
             *v *= scale;
         }
-        return values.iter().filter(|v| **v != 0.0).count() as u64;
+        return values.iter().map(|&v| u64::from(count(v, true))).sum();
     };
     if threshold == 0 {
         values.fill(0.0);
@@ -441,12 +434,12 @@ pub fn dare_in_place_nonzeros(
     }
     let apply = |v: &mut f32, keep: bool| {
         *v = if keep { *v * scale } else { 0.0 };
-        u32::from(*v != 0.0)
+        count(*v, keep)
     };
     threshold_each(key, threshold, start, values, apply, |k, batch| {
         #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
         if avx2::uniform_high_word(k) {
-            return avx2::dare_batch::<true>(key, threshold, k, batch, scale);
+            return avx2::dare_batch::<NONZEROS>(key, threshold, k, batch, scale);
         }
         apply_lanes(key, threshold, k, batch, &apply)
     })

@@ -233,27 +233,6 @@ pub fn block_range_sumsq(x: &[f32], block: usize, every: usize) -> (f64, u64) {
 /// Elements scanned per step of [`first_non_finite`] before looking for the exact position.
 const SCAN: usize = BLOCK;
 
-/// Turns model values into deltas, `x[j] -= base[j]` over the common length, checking the
-/// values first: returns the index of the first NaN or infinite `x[j]` (as it was), if any,
-/// and then `x` is only partly converted. One pass instead of [`first_non_finite`] and a
-/// subtraction.
-pub fn subtract_finite(x: &mut [f32], base: &[f32]) -> Option<usize> {
-    let n = x.len().min(base.len());
-    for (k, (part, b)) in x[..n]
-        .chunks_mut(SCAN)
-        .zip(base[..n].chunks(SCAN))
-        .enumerate()
-    {
-        if let Some(i) = non_finite_in(part) {
-            return Some(k * SCAN + i);
-        }
-        for (v, b) in part.iter_mut().zip(b) {
-            *v -= b;
-        }
-    }
-    None
-}
-
 /// Writes the deltas `out[j] = x[j] − base[j]` (model values minus base values) over the
 /// common length of the three slices, checking the values first: returns the index of the
 /// first NaN or infinite `x[j]`, if any, and then `out` is only partly written. With
@@ -472,15 +451,16 @@ mod tests {
     }
 
     #[test]
-    fn subtract_finite_subtracts_or_finds_the_first_bad_value() {
+    fn subtract_measured_subtracts_or_finds_the_first_bad_value() {
         let b = sample(1000);
         let mut x: Vec<f32> = b.iter().map(|v| v * 3.0 + 0.5).collect();
         let want: Vec<f32> = x.iter().zip(&b).map(|(x, b)| x - b).collect();
-        assert_eq!(subtract_finite(&mut x, &b), None);
-        assert_eq!(x, want);
+        let mut out = vec![0f32; x.len()];
+        assert_eq!(subtract_measured(&x, &b, &mut out, None), None);
+        assert_eq!(out, want);
         x[900] = f32::NAN;
         x[600] = f32::NEG_INFINITY;
-        assert_eq!(subtract_finite(&mut x, &b), Some(600));
+        assert_eq!(subtract_measured(&x, &b, &mut out, None), Some(600));
     }
 
     #[test]

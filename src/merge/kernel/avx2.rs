@@ -121,18 +121,39 @@ fn combine_fixed<const M: usize>(
         core::array::from_fn(|i| &deltas[i][..n * GROUP].as_chunks::<GROUP>().0[..n]);
     let w: [m256; M] = core::array::from_fn(|i| set_splat_m256(weights[i]));
     let base_groups = (!base.is_empty()).then(|| &base[..n * GROUP].as_chunks::<GROUP>().0[..n]);
+    let mut x = [k.zero; M];
+    let finite = groups_loop(c, &k, groups, base_groups, &w, &mut x, |x, g| {
+        for i in 0..M {
+            x[i] = mul_m256(w[i], load_unaligned_m256(&d[i][g]));
+        }
+    });
+    (n * GROUP, finite)
+}
+
+/// The group loop of both versions: `load(x, g)` fills the weighted deltas of group `g`; the
+/// output goes to `groups`. Returns whether every output is finite.
+#[inline(always)]
+fn groups_loop<X: AsMut<[m256]> + ?Sized>(
+    c: Combine,
+    k: &Consts,
+    groups: &mut [[f32; GROUP]],
+    base_groups: Option<&[[f32; GROUP]]>,
+    w: &[m256],
+    x: &mut X,
+    mut load: impl FnMut(&mut X, usize),
+) -> bool {
     let mut bad = k.zero;
     for (g, o) in groups.iter_mut().enumerate() {
-        let x: [m256; M] = core::array::from_fn(|i| mul_m256(w[i], load_unaligned_m256(&d[i][g])));
+        load(x, g);
         let b = match base_groups {
             Some(b) => load_unaligned_m256(&b[g]),
             None => k.zero,
         };
-        let v = mix(c, &k, &x, &w, b);
+        let v = mix(c, k, x.as_mut(), w, b);
         bad = bitor_m256(bad, non_finite(v));
         *o = v.into();
     }
-    (n * GROUP, move_mask_m256(bad) == 0)
+    move_mask_m256(bad) == 0
 }
 
 /// [`combine`] for any number of models.
@@ -155,18 +176,10 @@ fn combine_any(
     let w: Vec<m256> = weights.iter().map(|&w| set_splat_m256(w)).collect();
     let base_groups = (!base.is_empty()).then(|| &base[..n * GROUP].as_chunks::<GROUP>().0[..n]);
     let mut x = vec![k.zero; m];
-    let mut bad = k.zero;
-    for (g, o) in groups.iter_mut().enumerate() {
+    let finite = groups_loop(c, &k, groups, base_groups, &w, &mut x, |x, g| {
         for ((x, w), d) in x.iter_mut().zip(&w).zip(&d) {
             *x = mul_m256(*w, load_unaligned_m256(&d[g]));
         }
-        let b = match base_groups {
-            Some(b) => load_unaligned_m256(&b[g]),
-            None => k.zero,
-        };
-        let v = mix(c, &k, &x, &w, b);
-        bad = bitor_m256(bad, non_finite(v));
-        *o = v.into();
-    }
-    (n * GROUP, move_mask_m256(bad) == 0)
+    });
+    (n * GROUP, finite)
 }
