@@ -148,9 +148,8 @@ fn merge_then_load(base: &Path, mixture: &[(&PathBuf, f64)], out: &Path) -> f64 
     }
     let opts = MergeOptions {
         output: out.to_path_buf(),
-        out_type: None,
-        seed: None,
         threads: None,
+        ..Default::default()
     };
     merge_models(&config, &opts, &NoProgress).unwrap();
     let model = load(out);

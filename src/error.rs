@@ -13,7 +13,7 @@ pub enum Error {
     #[error(transparent)]
     Format(#[from] FormatError),
     /// A tensor of `path` could not be converted.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     Tensor {
         /// The file the tensor comes from.
         path: PathBuf,

@@ -34,6 +34,7 @@ pub mod merge;
 pub mod progress;
 pub mod quant;
 pub mod runtime;
+pub mod threads;
 
 pub use error::{Error, Result};
 pub use flows::convert::{convert_model, ConvertOptions, ConvertReport};

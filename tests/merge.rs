@@ -53,9 +53,8 @@ fn config(method: Method, base: &Path, models: &[(&Path, f64, f64)]) -> MergeCon
 fn opts(out: &Path, threads: usize) -> MergeOptions {
     MergeOptions {
         output: out.to_path_buf(),
-        out_type: None,
-        seed: None,
         threads: Some(threads),
+        ..Default::default()
     }
 }
 
@@ -285,8 +284,8 @@ fn bad_inputs_are_clear_errors_without_output() {
         &opts(&out, 2),
         &NoProgress,
     )
-    .expect_err("NaN must fail")
-    .to_string();
+    .expect_err("NaN must fail");
+    let err = common::chain(&err);
     assert!(
         err.contains("nan.gguf")
             && err.contains("blk.3.ffn_up.weight")
@@ -365,6 +364,7 @@ fn safetensors_to_safetensors_merge_matches_the_gguf_route() {
     // safetensors in, safetensors out (HF names, F32).
     let out_st = dir.path().join("merged-hf");
     let mut o = opts(&out_st, 2);
+    o.format = Some(ggmerge::format::output::FileFormat::Safetensors);
     o.out_type = Some("F32".into());
     merge_models(
         &config(

@@ -180,8 +180,8 @@ fn bad_requests_fail_cleanly_and_leave_no_output() {
     // A type that needs an importance matrix.
     let err = quantize_model(&common::smollm2(), &out, &opts("IQ2_XXS", 2), &NoProgress)
         .err()
-        .unwrap()
-        .to_string();
+        .unwrap();
+    let err = common::chain(&err);
     assert!(
         err.contains("importance matrix") && err.contains("SmolLM2"),
         "{err}"
@@ -220,8 +220,8 @@ fn bad_requests_fail_cleanly_and_leave_no_output() {
     w.finish().unwrap();
     let err = quantize_model(&nan_model, &out, &opts("Q8_0", 2), &NoProgress)
         .err()
-        .unwrap()
-        .to_string();
+        .unwrap();
+    let err = common::chain(&err);
     assert!(
         err.contains("blk.0.ffn_up.weight") && err.contains("element 77"),
         "{err}"

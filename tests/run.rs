@@ -87,9 +87,8 @@ fn packs_in_memory_equal_the_applied_file() {
         &cfg,
         &MergeOptions {
             output: applied.clone(),
-            out_type: None,
-            seed: None,
             threads: Some(2),
+            ..Default::default()
         },
         &NoProgress,
     )

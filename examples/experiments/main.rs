@@ -737,8 +737,8 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
             let opts = MergeOptions {
                 output: out.clone(),
                 out_type: Some(ty.to_string()),
-                seed: None,
                 threads: lab.threads,
+                ..Default::default()
             };
             let report = merge_models(&cfg, &opts, &NoProgress)?;
             let total: f64 = report
@@ -832,9 +832,8 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
         &cfg,
         &MergeOptions {
             output: out.clone(),
-            out_type: None,
-            seed: None,
             threads: lab.threads,
+            ..Default::default()
         },
         &NoProgress,
     )?;

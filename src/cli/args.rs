@@ -107,7 +107,7 @@ pub struct ExpertArgs {
     /// How expert deltas combine: task_arithmetic, ties, dare_ties, dare_linear.
     #[arg(long, default_value = "task_arithmetic")]
     pub method: String,
-    /// Context size in tokens.
+    /// Context size in tokens (0: the model's training context, as in llama.cpp).
     #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
     pub ctx: u32,
     /// Threads (default: all cores).
@@ -227,9 +227,15 @@ pub struct ApplyArgs {
     /// Scale of the combined delta.
     #[arg(long)]
     pub lambda: Option<f64>,
-    /// Output GGUF.
+    /// Output: NAME.gguf, NAME.safetensors or a directory DIR/ (as for merge).
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Output format when the name does not say it: gguf or safetensors.
+    #[arg(long, value_parser = parse_format)]
+    pub format: Option<ggmerge::format::output::FileFormat>,
+    /// Replace existing files other than the named output (config.json, shards).
+    #[arg(long)]
+    pub force: bool,
     /// Output type (default: the base's types); a ggml type or a llama.cpp mixture.
     #[arg(long = "type")]
     pub ty: Option<String>,
@@ -245,8 +251,13 @@ pub struct ApplyArgs {
 pub struct ConvertArgs {
     /// Input model (GGUF, or safetensors file / index / directory).
     pub input: PathBuf,
-    /// Output (a .gguf file, or a .safetensors file / directory).
+    /// Output: for a GGUF input a .safetensors file or a directory (created if needed); for a
+    /// safetensors input the GGUF file.
     pub output: PathBuf,
+    /// Replace existing files other than the named output (config.json, shards, files inside
+    /// an output directory).
+    #[arg(long)]
+    pub force: bool,
     /// Type of matrices: F32, F16 (default for safetensors), BF16; for GGUF output also any
     /// ggml type (Q8_0 …). 1-D tensors are always F32.
     #[arg(long = "type")]
@@ -273,9 +284,19 @@ pub struct MergeArgs {
     /// A mergekit YAML (.yml/.yaml) or native TOML (.toml) merge config. Options below
     /// override its output type and seed.
     pub config: Option<PathBuf>,
-    /// Output GGUF file.
+    /// Output: NAME.gguf (GGUF with the base's metadata and tokenizer), NAME.safetensors or a
+    /// directory DIR/ (Hugging Face safetensors + config.json). Other names need --format.
+    /// Written to a hidden temporary file and renamed when complete.
     #[arg(short, long)]
     pub output: PathBuf,
+    /// Output format when the name does not say it: gguf or safetensors (a path without
+    /// .safetensors is then a directory).
+    #[arg(long, value_parser = parse_format)]
+    pub format: Option<ggmerge::format::output::FileFormat>,
+    /// Replace existing files other than the named output (config.json, shards, files inside
+    /// an output directory). The named output itself is always replaced when complete.
+    #[arg(long)]
+    pub force: bool,
     /// Base model (GGUF; its metadata and tokenizer go into the output).
     #[arg(long)]
     pub base: Option<PathBuf>,
@@ -362,4 +383,9 @@ pub struct QuantizeArgs {
     /// No progress bar or summary.
     #[arg(short, long)]
     pub quiet: bool,
+}
+
+fn parse_format(s: &str) -> Result<ggmerge::format::output::FileFormat, String> {
+    ggmerge::format::output::FileFormat::from_name(s)
+        .ok_or_else(|| format!("{s:?} is not a format: gguf or safetensors"))
 }

@@ -1,7 +1,5 @@
 //! `ggmerge merge`: builds a merge config from a file or the short form and runs the flow.
 
-use std::path::Path;
-
 use anyhow::{bail, Context};
 use clap::ArgMatches;
 
@@ -93,9 +91,11 @@ pub fn run(a: &MergeArgs, m: &ArgMatches) -> anyhow::Result<()> {
     }
     let opts = MergeOptions {
         output: a.output.clone(),
+        format: a.format,
+        force: a.force,
         out_type: a.ty.clone(),
         seed: a.seed,
-        threads: a.threads.or(config.threads),
+        threads: super::threads(a.threads.or(config.threads)),
     };
     if a.dry_run {
         let plan = ggmerge::flows::merge::plan_merge(&config, &opts)?;
@@ -105,7 +105,7 @@ pub fn run(a: &MergeArgs, m: &ArgMatches) -> anyhow::Result<()> {
     let bar = bars::Bars::new(a.quiet);
     let report = merge_models(&config, &opts, &bar)
         .with_context(|| format!("merging into {}", a.output.display()))?;
-    print::merge_report(&report, Path::new(&a.output), config.method.name());
+    print::merge_report(&report, config.method.name());
     Ok(())
 }
 
@@ -113,8 +113,11 @@ pub fn run(a: &MergeArgs, m: &ArgMatches) -> anyhow::Result<()> {
 pub fn parse_expert(s: &str) -> anyhow::Result<(String, f64)> {
     if let Some((path, w)) = s.rsplit_once(':') {
         if let Ok(w) = w.parse::<f64>() {
-            if !w.is_finite() {
-                bail!("weight of expert {path:?} is not a finite number");
+            if !ggmerge::merge::config::number_fits_f32(w) {
+                bail!(
+                    "weight {w:?} of expert {path:?} is not a finite number of at most 3.4e38 in \
+                     magnitude"
+                );
             }
             return Ok((path.to_string(), w));
         }
@@ -142,14 +145,16 @@ pub fn apply(a: &super::args::ApplyArgs) -> anyhow::Result<()> {
     }
     let opts = MergeOptions {
         output: a.output.clone(),
+        format: a.format,
+        force: a.force,
         out_type: a.ty.clone(),
         seed: None,
-        threads: a.threads,
+        threads: super::threads(a.threads),
     };
     let bar = bars::Bars::new(a.quiet);
     let report = merge_models(&config, &opts, &bar)
         .with_context(|| format!("applying packs to {}", a.base.display()))?;
-    print::merge_report(&report, Path::new(&a.output), config.method.name());
+    print::merge_report(&report, config.method.name());
     Ok(())
 }
 
@@ -175,7 +180,7 @@ pub fn extract(a: &super::args::ExtractArgs) -> anyhow::Result<()> {
             format!("--rescale must be inverse, l1 or none, not {:?}", a.rescale)
         })?,
         epsilon: a.epsilon,
-        threads: a.threads,
+        threads: super::threads(a.threads),
     };
     let bar = bars::Bars::new(a.quiet);
     let r = extract_delta(&a.base, &a.finetuned, &a.output, &opts, &bar).with_context(|| {

@@ -3,6 +3,8 @@
 use std::path::Path;
 
 use ggmerge::quant::Target;
+
+use super::outln;
 use ggmerge::{ModelSummary, QuantizeReport};
 
 pub fn mib(bytes: u64) -> String {
@@ -19,37 +21,41 @@ fn human_count(n: u64) -> String {
 }
 
 pub fn summary(s: &ModelSummary, tensors: bool, all_metadata: bool) {
-    println!("file:          {}", s.files.join(", "));
-    println!("GGUF version:  {}", s.gguf_version);
+    outln!("file:          {}", s.files.join(", "));
+    outln!("GGUF version:  {}", s.gguf_version);
     if let Some(kind) = &s.file_kind {
-        println!("kind:          {kind}");
+        outln!("kind:          {kind}");
     }
-    println!(
+    outln!(
         "architecture:  {}",
         s.architecture.as_deref().unwrap_or("(none)")
     );
     if let Some(name) = &s.name {
-        println!("name:          {name}");
+        outln!("name:          {name}");
     }
-    println!(
+    outln!(
         "parameters:    {} ({})",
         human_count(s.n_params),
         s.n_params
     );
-    println!(
+    outln!(
         "size:          {} on disk, {} of tensors, {:.2} bits/weight",
         mib(s.file_size),
         mib(s.tensor_bytes),
         s.bits_per_weight
     );
-    println!("tensors:       {}", s.tensors.len());
-    println!();
-    println!(
+    outln!("tensors:       {}", s.tensors.len());
+    outln!();
+    outln!(
         "{:<8} {:>8} {:>14} {:>12} {:>6}",
-        "type", "tensors", "parameters", "size", "bpw"
+        "type",
+        "tensors",
+        "parameters",
+        "size",
+        "bpw"
     );
     for t in &s.types {
-        println!(
+        outln!(
             "{:<8} {:>8} {:>14} {:>12} {:>6.2}",
             t.ty,
             t.tensors,
@@ -58,8 +64,8 @@ pub fn summary(s: &ModelSummary, tensors: bool, all_metadata: bool) {
             t.bits_per_weight
         );
     }
-    println!();
-    println!("metadata ({} keys):", s.metadata.len());
+    outln!();
+    outln!("metadata ({} keys):", s.metadata.len());
     for m in &s.metadata {
         let hidden =
             !all_metadata && m.key.starts_with("tokenizer.") && m.value_type.starts_with("array");
@@ -81,34 +87,46 @@ pub fn summary(s: &ModelSummary, tensors: bool, all_metadata: bool) {
         } else {
             m.value.clone()
         };
-        println!("  {:<45} {:<14} {}", m.key, m.value_type, value);
+        outln!("  {:<45} {:<14} {}", m.key, m.value_type, value);
     }
     if let Some(p) = &s.pack {
         let kept: u64 = p.tensors.iter().map(|t| t.1).sum();
-        println!();
-        println!(
+        outln!();
+        outln!(
             "delta pack:    {} at density {}, {} mask (seed {}, stream {}), {} values",
-            p.method, p.density, p.mask, p.seed, p.stream, p.values
+            p.method,
+            p.density,
+            p.mask,
+            p.seed,
+            p.stream,
+            p.values
         );
-        println!("base:          fingerprint {}", p.base_fingerprint);
-        println!(
+        outln!("base:          fingerprint {}", p.base_fingerprint);
+        match &p.checksum {
+            Some(c) => outln!("checksum:      verified ({c})"),
+            None => outln!("checksum:      none (written by an older ggmerge; not verified)"),
+        }
+        outln!(
             "changed:       {} tensors, {kept} kept values",
             p.tensors.len()
         );
         if tensors {
-            println!();
-            println!("{:<40} {:>12}", "changed tensor", "kept");
+            outln!();
+            outln!("{:<40} {:>12}", "changed tensor", "kept");
             for (name, k) in &p.tensors {
-                println!("{name:<40} {k:>12}");
+                outln!("{name:<40} {k:>12}");
             }
             return;
         }
     }
     if tensors {
-        println!();
-        println!(
+        outln!();
+        outln!(
             "{:<40} {:<8} {:>22} {:>12}",
-            "tensor", "type", "shape", "size"
+            "tensor",
+            "type",
+            "shape",
+            "size"
         );
         for t in &s.tensors {
             let shape = t
@@ -117,7 +135,7 @@ pub fn summary(s: &ModelSummary, tensors: bool, all_metadata: bool) {
                 .map(u64::to_string)
                 .collect::<Vec<_>>()
                 .join(" x ");
-            println!(
+            outln!(
                 "{:<40} {:<8} {:>22} {:>12}",
                 t.name,
                 t.ty,
@@ -126,8 +144,8 @@ pub fn summary(s: &ModelSummary, tensors: bool, all_metadata: bool) {
             );
         }
     } else {
-        println!();
-        println!(
+        outln!();
+        outln!(
             "({} tensors; --tensors lists them, --json prints everything)",
             s.tensors.len()
         );
@@ -152,20 +170,20 @@ pub fn quantize_report(r: &QuantizeReport, output: &Path, target: &Target) {
         .map(|(t, n)| format!("{t}: {n}"))
         .collect::<Vec<_>>()
         .join(", ");
-    println!("wrote {} ({})", output.display(), target.describe());
-    println!(
+    outln!("wrote {} ({})", output.display(), target.describe());
+    outln!(
         "  tensors:    {} ({} converted, {} copied) — {types}",
         r.tensors.len(),
         r.converted(),
         r.tensors.len() - r.converted()
     );
-    println!(
+    outln!(
         "  size:       {} -> {} ({:.1}%)",
         mib(r.input_bytes),
         mib(r.output_bytes),
         100.0 * r.output_bytes as f64 / r.input_bytes.max(1) as f64
     );
-    println!(
+    outln!(
         "  time:       {:.2} s, {:.1} MB/s of output",
         r.seconds,
         r.output_bytes as f64 / 1e6 / r.seconds.max(1e-9)
@@ -174,15 +192,18 @@ pub fn quantize_report(r: &QuantizeReport, output: &Path, target: &Target) {
 
 pub fn merge_plan(p: &ggmerge::flows::merge::MergePlan) {
     use ggmerge::flows::merge::TensorAction;
-    println!("method:   {} (seed {})", p.method_name, p.seed);
-    println!("base:     {}", p.reference.path().display());
+    outln!("method:   {} (seed {})", p.method_name, p.seed);
+    outln!("base:     {}", p.reference.path().display());
     for (i, m) in p.models.iter().enumerate() {
-        println!("model {i}:  {}", m.path().display());
+        outln!("model {i}:  {}", m.path().display());
     }
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{:<40} {:<8} {:<8} {:<10} params (weight/density per model)",
-        "tensor", "base", "output", "action"
+        "tensor",
+        "base",
+        "output",
+        "action"
     );
     for t in &p.tensors {
         let action = match t.action {
@@ -196,7 +217,7 @@ pub fn merge_plan(p: &ggmerge::flows::merge::MergePlan) {
             .map(|m| format!("{}/{}", m.weight, m.density))
             .collect::<Vec<_>>()
             .join(" ");
-        println!(
+        outln!(
             "{:<40} {:<8} {:<8} {:<10} {params}",
             t.name,
             t.base_ty.to_string(),
@@ -209,33 +230,46 @@ pub fn merge_plan(p: &ggmerge::flows::merge::MergePlan) {
         .iter()
         .filter(|t| t.action == TensorAction::Merge)
         .count();
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{} tensors: {merged} merged, {} copied or requantized",
         p.tensors.len(),
         p.tensors.len() - merged
     );
-    println!("estimated output size: {}", mib(p.output_bytes));
-    println!(
+    outln!("estimated output size: {}", mib(p.output_bytes));
+    outln!(
         "estimated peak memory: {} (plus memory-mapped inputs)",
         mib(p.peak_memory)
     );
 }
 
-pub fn merge_report(r: &ggmerge::flows::merge::MergeReport, output: &Path, method: &str) {
+pub fn merge_report(r: &ggmerge::flows::merge::MergeReport, method: &str) {
     for w in &r.warnings {
         eprintln!("warning: {w}");
     }
-    println!("wrote {} ({method})", output.display());
-    println!(
+    let d = &r.destination;
+    match d.is_dir {
+        true => outln!(
+            "wrote {} ({}: {}, config.json; {method})",
+            d.named.display(),
+            d.describe(),
+            d.file
+                .file_name()
+                .map_or(String::new(), |f| f.to_string_lossy().into_owned())
+        ),
+        false => outln!("wrote {} ({}, {method})", d.named.display(), d.describe()),
+    }
+    outln!(
         "  tensors:    {} ({} merged, {} copied verbatim)",
-        r.tensors, r.merged, r.copied
+        r.tensors,
+        r.merged,
+        r.copied
     );
     for (i, m) in r.models.iter().enumerate() {
         let snr = m
             .signal_to_noise
             .map_or("n/a".to_string(), |s| format!("{s:.1}"));
-        println!(
+        outln!(
             "  model {i}:    kept {:.1}% of delta, zero deltas {:.1}%, delta RMS {:.2e}, delta/noise {snr} — {}",
             100.0 * m.kept_share,
             100.0 * m.zero_delta_share,
@@ -244,14 +278,14 @@ pub fn merge_report(r: &ggmerge::flows::merge::MergeReport, output: &Path, metho
         );
     }
     for t in &r.retention {
-        println!(
+        outln!(
             "  retention:  {} keeps {:.1}% of the merged delta ({} tensors)",
             t.ty,
             100.0 * t.retention,
             t.tensors
         );
     }
-    println!(
+    outln!(
         "  size:       {}, time {:.2} s, {:.1} MB/s",
         mib(r.output_bytes),
         r.seconds,
@@ -261,22 +295,22 @@ pub fn merge_report(r: &ggmerge::flows::merge::MergeReport, output: &Path, metho
 
 pub fn convert_report(r: &ggmerge::ConvertReport) {
     for f in &r.outputs {
-        println!("wrote {}", f.display());
+        outln!("wrote {}", f.display());
     }
-    println!("  tensors:    {} ({:?})", r.tensors, r.direction);
+    outln!("  tensors:    {} ({:?})", r.tensors, r.direction);
     if !r.skipped.is_empty() {
-        println!(
+        outln!(
             "  skipped:    {} (no name in the output format)",
             r.skipped.join(", ")
         );
     }
     if !r.trimmed.is_empty() {
-        println!(
+        outln!(
             "  trimmed:    {} (extra vocabulary rows dropped, as llama.cpp does)",
             r.trimmed.join(", ")
         );
     }
-    println!(
+    outln!(
         "  size:       {} -> {}, {:.2} s",
         mib(r.input_bytes),
         mib(r.output_bytes),
@@ -295,15 +329,15 @@ pub fn extract_report(r: &ggmerge::flows::extract::ExtractReport, output: &Path)
             );
         }
     }
-    println!("wrote {}", output.display());
-    println!("  tensors:    {} changed of {}", r.changed, r.tensors);
-    println!(
+    outln!("wrote {}", output.display());
+    outln!("  tensors:    {} changed of {}", r.changed, r.tensors);
+    outln!(
         "  kept:       {} of {} delta values ({:.2}%)",
         r.kept,
         r.elements,
         100.0 * r.kept as f64 / r.elements.max(1) as f64
     );
-    println!(
+    outln!(
         "  size:       {} vs {} for the fine-tune ({:.1}%, {:.3} bytes/parameter)",
         mib(r.pack_bytes),
         mib(r.finetuned_bytes),
@@ -313,10 +347,10 @@ pub fn extract_report(r: &ggmerge::flows::extract::ExtractReport, output: &Path)
     let snr = r
         .signal_to_noise
         .map_or("n/a".to_string(), |s| format!("{s:.1}"));
-    println!(
+    outln!(
         "  delta:      RMS {:.2e}, {:.1}% exactly zero, delta/noise {snr}",
         r.delta_rms,
         100.0 * r.zero_delta_share
     );
-    println!("  time:       {:.2} s", r.seconds);
+    outln!("  time:       {:.2} s", r.seconds);
 }

@@ -1,8 +1,8 @@
 //! `ggmerge run`, `chat`, `perplexity` and `eval`: llama.cpp with expert packs applied in memory.
 
-use std::io::{BufRead, Write};
+use std::io::BufRead;
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 
 use ggmerge::flows::run::{Expert, ExpertSession};
 use ggmerge::merge::config::Method;
@@ -10,7 +10,20 @@ use ggmerge::runtime::{GenerateOptions, Model, ModelOptions, SessionOptions};
 
 use super::args::{ChatArgs, EvalArgs, ExpertArgs, PerplexityArgs, RunArgs};
 use super::merge::parse_expert;
+use super::{outln, stdout_bytes};
 
+/// The session options of the command line, checked.
+fn session_options(a: &ExpertArgs) -> anyhow::Result<SessionOptions> {
+    let opts = SessionOptions {
+        n_ctx: a.ctx,
+        threads: super::threads(a.threads),
+        ..Default::default()
+    };
+    opts.validate()?;
+    Ok(opts)
+}
+
+/// Checks every argument, then loads the base: a mistyped option costs nothing.
 fn load(a: &ExpertArgs) -> anyhow::Result<(Model, Vec<Expert>, Vec<f64>, Method)> {
     let method = Method::from_name(&a.method)
         .filter(|m| {
@@ -25,12 +38,28 @@ fn load(a: &ExpertArgs) -> anyhow::Result<(Model, Vec<Expert>, Vec<f64>, Method)
                 a.method
             )
         })?;
-    let mut experts = Vec::new();
+    session_options(a)?;
+    let mut experts: Vec<Expert> = Vec::new();
     let mut weights = Vec::new();
     for e in &a.experts {
         let (path, w) = parse_expert(e)?;
-        experts.push(Expert::from_path(path));
+        let expert = Expert::from_path(path);
+        if !expert.path.is_file() {
+            bail!("{}: no such expert pack", expert.path.display());
+        }
+        if let Some(other) = experts.iter().find(|o| o.name == expert.name) {
+            bail!(
+                "two experts are named {:?} ({} and {}): rename one file",
+                expert.name,
+                other.path.display(),
+                expert.path.display()
+            );
+        }
+        experts.push(expert);
         weights.push(w);
+    }
+    if !a.base.is_file() {
+        bail!("{}: no such model file", a.base.display());
     }
     let started = std::time::Instant::now();
     // Weight discovery runs on one thread (ModelOptions' default); -t is for decoding.
@@ -51,11 +80,7 @@ fn open<'m>(
     method: Method,
 ) -> anyhow::Result<ExpertSession<'m>> {
     let started = std::time::Instant::now();
-    let opts = SessionOptions {
-        n_ctx: a.ctx,
-        threads: a.threads,
-        ..Default::default()
-    };
+    let opts = session_options(a)?;
     let s = ExpertSession::new(
         model,
         &a.base,
@@ -63,9 +88,12 @@ fn open<'m>(
         weights,
         method,
         &opts,
-        a.threads,
+        opts.threads,
         a.cache_mib << 20,
     )?;
+    for w in s.warnings() {
+        eprintln!("warning: {w}");
+    }
     if !s.experts().is_empty() {
         eprintln!(
             "applied {} in {:.2} s",
@@ -76,7 +104,16 @@ fn open<'m>(
     Ok(s)
 }
 
+/// The sampling temperature, checked.
+fn temperature(t: f32) -> anyhow::Result<f32> {
+    if !t.is_finite() || t < 0.0 {
+        bail!("--temp must be a finite number ≥ 0, not {t}");
+    }
+    Ok(t)
+}
+
 pub fn run(a: &RunArgs) -> anyhow::Result<()> {
+    temperature(a.temp)?;
     let (model, experts, weights, method) = load(&a.experts)?;
     let mut s = open(&model, &a.experts, experts, &weights, method)?;
     let opts = GenerateOptions {
@@ -86,12 +123,10 @@ pub fn run(a: &RunArgs) -> anyhow::Result<()> {
         chat: a.chat,
         ..Default::default()
     };
-    let mut out = std::io::stdout();
-    let g = s.session().generate_with(&a.prompt, &opts, |piece| {
-        let _ = out.write_all(piece.as_bytes());
-        let _ = out.flush();
-    })?;
-    println!();
+    let g = s
+        .session()
+        .generate_with(&a.prompt, &opts, |piece| stdout_bytes(piece.as_bytes()))?;
+    outln!();
     eprintln!(
         "{} prompt tokens, {} generated ({:?})",
         g.n_prompt,
@@ -102,6 +137,7 @@ pub fn run(a: &RunArgs) -> anyhow::Result<()> {
 }
 
 pub fn chat(a: &ChatArgs) -> anyhow::Result<()> {
+    temperature(a.temp)?;
     let (model, experts, weights, method) = load(&a.experts)?;
     let mut s = open(&model, &a.experts, experts, &weights, method)?;
     let opts = GenerateOptions {
@@ -114,10 +150,9 @@ pub fn chat(a: &ChatArgs) -> anyhow::Result<()> {
         "chat: type a message; /experts NAME=W … switches experts, /experts shows them, /quit ends"
     );
     let stdin = std::io::stdin();
-    let mut out = std::io::stdout();
-    for line in stdin.lock().lines() {
-        let line = line?;
-        let line = line.trim();
+    for raw in stdin.lock().lines() {
+        let raw = raw?;
+        let line = raw.trim();
         if line.is_empty() {
             continue;
         }
@@ -127,28 +162,40 @@ pub fn chat(a: &ChatArgs) -> anyhow::Result<()> {
         if let Some(rest) = line.strip_prefix("/experts") {
             let rest = rest.trim();
             if rest.is_empty() {
-                println!("experts: {}", s.describe());
+                outln!("experts: {}", s.describe());
                 continue;
             }
             // A bad line is reported and the session goes on with the old mixture.
-            match s.parse_mixture(rest).and_then(|w| s.set_mixture(&w)) {
-                Ok(r) => println!(
+            match s
+                .parse_mixture(rest)
+                .map_err(anyhow::Error::from)
+                .and_then(|w| Ok(s.set_mixture(&w)?))
+            {
+                Ok(r) => outln!(
                     "experts: {} ({} tensors, {:.3} s{})",
                     s.describe(),
                     r.tensors,
                     r.seconds,
                     if r.cached { ", cached" } else { "" }
                 ),
-                Err(e) => println!("error: {e:#}"),
+                Err(e) => outln!("error: {e:#}"),
             }
             continue;
         }
-        match s.session().generate_with(line, &opts, |piece| {
-            let _ = out.write_all(piece.as_bytes());
-            let _ = out.flush();
-        }) {
-            Ok(_) => println!(),
-            Err(e) => println!("error: {e:#}"),
+        if raw.starts_with('/') {
+            let command = line.split_whitespace().next().unwrap_or(line);
+            outln!(
+                "error: unknown command {command}; commands: /experts [NAME=WEIGHT …], /quit \
+                 (to send a message that starts with /, start it with a space)"
+            );
+            continue;
+        }
+        match s
+            .session()
+            .generate_with(line, &opts, |piece| stdout_bytes(piece.as_bytes()))
+        {
+            Ok(_) => outln!(),
+            Err(e) => outln!("error: {e:#}"),
         }
     }
     Ok(())
@@ -161,7 +208,7 @@ pub fn perplexity(a: &PerplexityArgs) -> anyhow::Result<()> {
     let mut s = open(&model, &a.experts, experts, &weights, method)?;
     let bar = super::bars::Bars::new(false);
     let p = s.session().perplexity(&text, &bar)?;
-    println!(
+    outln!(
         "perplexity: {:.4} ± {:.4} ({} chunks of {} tokens, {} tokens scored)",
         p.ppl,
         p.ppl_err,
@@ -177,10 +224,11 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
     let (model, experts, weights, method) = load(&a.experts)?;
     let mut s = open(&model, &a.experts, experts, &weights, method)?;
     let bar = super::bars::Bars::new(false);
-    let r = ggmerge::flows::eval::evaluate(s.session(), &questions, &bar)?;
+    let r = ggmerge::flows::eval::evaluate(s.session(), &questions, &bar)
+        .with_context(|| a.file.display().to_string())?;
     if a.verbose {
         for (q, sc) in questions.iter().zip(&r.scores) {
-            println!(
+            outln!(
                 "{} {:?} -> {:?} (log-lik. {:.2})",
                 if sc.exact { "ok  " } else { "miss" },
                 q.prompt,
@@ -189,7 +237,7 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
             );
         }
     }
-    println!(
+    outln!(
         "exact match: {}/{} ({:.1}%), answer log-likelihood {:.3} per token",
         r.exact,
         questions.len(),

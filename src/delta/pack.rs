@@ -13,6 +13,7 @@
 //! | `delta.mask` | string | `philox` (regenerated), `explicit` (`NAME.di` indices) or `dense` |
 //! | `delta.values` | string | type of the values: `F32`, `F16`, `BF16` or `Q8_0` |
 //! | `delta.kept` | u64 array | kept values per changed tensor, in tensor order |
+//! | `delta.checksum` | string | xxh3-64 (hex) of every tensor's data in file order, padding excluded; verified on open (absent in packs of ggmerge before 0.1) |
 //!
 //! Per changed base tensor `NAME`: `NAME.dv` holds the kept, already-rescaled delta values in
 //! element order (Q8_0 padded with zeros to whole blocks); `NAME.di` (I32) their element
@@ -37,6 +38,11 @@ pub const PACK_TYPE: &str = "ggmerge.delta";
 pub const VALUES_SUFFIX: &str = ".dv";
 /// Suffix of a tensor's explicit indices.
 pub const INDICES_SUFFIX: &str = ".di";
+/// Metadata key of the data checksum.
+pub const KEY_CHECKSUM: &str = "delta.checksum";
+/// A pack whose delta, spread over its tensor, is this many times the base weights' RMS or more
+/// gets a warning: no fine-tune moves its weights by more than their own size.
+pub const ABSURD_DELTA_RATIO: f64 = 1.0;
 
 /// How a pack's mask is stored.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +115,9 @@ pub struct PackTensor<'a> {
 /// An opened, validated delta pack.
 pub struct DeltaPack {
     file: GgufModel,
+    /// The data checksum, verified when the pack was opened (`None`: an older pack without
+    /// one, not verified).
+    pub checksum: Option<String>,
     /// Base fingerprint.
     pub fingerprint: String,
     /// `dare`, `magnitude` or `della`.
@@ -256,7 +265,29 @@ impl DeltaPack {
                 (_, _) => {}
             }
         }
+        let checksum = match md.get(KEY_CHECKSUM) {
+            None => None,
+            Some(v) => {
+                let want = v
+                    .as_str()
+                    .ok_or_else(|| bad(path, format!("{KEY_CHECKSUM} is not a string")))?;
+                let mut h = Xxh3::new();
+                for t in file.tensors() {
+                    h.update(t.data);
+                }
+                let got = format!("{:016x}", h.digest());
+                if got != want {
+                    return Err(Error::Invalid(format!(
+                        "{}: the pack's data does not match its checksum ({got}, recorded {want}): \
+                         the file is corrupt or was changed after extraction; extract it again",
+                        path.display()
+                    )));
+                }
+                Some(got)
+            }
+        };
         Ok(DeltaPack {
+            checksum,
             fingerprint: s("delta.base.fingerprint")?,
             method: s("delta.method")?,
             density,
@@ -379,6 +410,66 @@ impl DeltaPack {
                 },
             },
         })
+    }
+
+    /// Warnings for tensors whose delta is absurdly large next to the base's weights (RMS of
+    /// the delta spread over the whole tensor ≥ [`ABSURD_DELTA_RATIO`] × the base tensor's
+    /// RMS, estimated from its first 64 Ki elements): a pack extracted from a diverged
+    /// fine-tune, or values overwritten after the checksum was recomputed. One line per pack
+    /// at most, naming its worst tensor.
+    pub fn scale_warnings(&self, base: &dyn ModelSource) -> Result<Vec<String>> {
+        let ratios: Vec<Option<(f64, String)>> = self
+            .tensors
+            .par_iter()
+            .map(|(name, kept)| -> Result<Option<(f64, String)>> {
+                let (Some(t), Some(b)) = (self.tensor(name), base.tensor(name)?) else {
+                    return Ok(None);
+                };
+                let n: u64 = b.shape.iter().product();
+                let mut values = vec![0f32; t.values.info.n_elements() as usize];
+                crate::quant::codec::dequantize_into(self.values, t.values.data, &mut values);
+                let sumsq: f64 = values[..(*kept as usize).min(values.len())]
+                    .iter()
+                    .map(|v| f64::from(*v) * f64::from(*v))
+                    .sum();
+                let delta_rms = (sumsq / n.max(1) as f64).sqrt();
+                // The base's first 64 Ki elements (whole blocks) as a sample of its scale.
+                let block = b.ty.block_size().max(1);
+                let sample = (n.min(1 << 16) / block * block).max(block.min(n));
+                let bytes = (sample / block * b.ty.type_size()) as usize;
+                let mut base_values = vec![0f32; sample as usize];
+                if let Some(src) = b.data.get(..bytes) {
+                    crate::quant::codec::dequantize_into(b.ty, src, &mut base_values);
+                }
+                let base_sumsq: f64 = base_values.iter().map(|v| f64::from(*v).powi(2)).sum();
+                let base_rms = (base_sumsq / sample.max(1) as f64).sqrt();
+                let ratio = if base_rms > 0.0 {
+                    delta_rms / base_rms
+                } else if delta_rms > 0.0 {
+                    f64::INFINITY
+                } else {
+                    0.0
+                };
+                Ok(Some((ratio, name.clone())))
+            })
+            .collect::<Result<_>>()?;
+        let worst = ratios
+            .into_iter()
+            .flatten()
+            .filter(|(r, _)| r.is_nan() || *r >= ABSURD_DELTA_RATIO)
+            .max_by(|a, b| a.0.total_cmp(&b.0));
+        Ok(worst
+            .map(|(r, name)| {
+                format!(
+                    "{}: its delta on {name} is {r:.3e} times the size of the base's weights \
+                     (RMS): no fine-tune changes weights that much — the pack is probably \
+                     corrupt or was extracted from a diverged fine-tune, and outputs made with \
+                     it will be garbage",
+                    self.path().display()
+                )
+            })
+            .into_iter()
+            .collect())
     }
 
     /// Refuses a base whose fingerprint differs.

@@ -26,9 +26,8 @@ use crate::format::gguf::{
     KEY_SPLIT_TENSORS_COUNT,
 };
 use crate::format::hf_names::{self, HfConfig};
-use crate::format::safetensors::{
-    self, ExportTensor, SafetensorsModel, SafetensorsOptions, SINGLE_FILE,
-};
+use crate::format::output::{Destination, FileFormat};
+use crate::format::safetensors::{self, ExportTensor, SafetensorsModel, SafetensorsOptions};
 use crate::format::source::ModelSource;
 use crate::format::{nbytes, FormatError, GgmlType};
 use crate::quant::{codec, QuantError, FTYPES};
@@ -54,6 +53,9 @@ pub struct ConvertOptions {
     pub arch: Option<String>,
     /// safetensors output: write `config.json` next to the weights.
     pub write_config: bool,
+    /// Replace existing files beside the named output (`config.json`, shards, the files in an
+    /// output directory); without it they are an error.
+    pub force: bool,
     /// Worker threads (`None`: all cores).
     pub threads: Option<usize>,
 }
@@ -66,6 +68,7 @@ impl Default for ConvertOptions {
             max_shard_bytes: None,
             arch: None,
             write_config: true,
+            force: false,
             threads: None,
         }
     }
@@ -130,33 +133,65 @@ pub fn convert_model(
     opts: &ConvertOptions,
     progress: &dyn Progress,
 ) -> Result<ConvertReport> {
-    if is_gguf(input) {
-        gguf_to_safetensors(input, output, opts, progress)
+    refuse_input_as_output(input, output)?;
+    let from_gguf = is_gguf(input);
+    let (format, wanted) = if from_gguf {
+        (
+            FileFormat::Safetensors,
+            "a .safetensors file or a directory",
+        )
     } else {
-        safetensors_to_gguf(input, output, opts, progress)
+        (FileFormat::Gguf, "a .gguf file")
+    };
+    // The output's format is implied by the input's: the path must not say otherwise. A
+    // safetensors output without the extension is a directory (HF layout).
+    let says = Destination::resolve(output, None).ok().map(|d| d.format);
+    if says.is_some_and(|f| f != format) {
+        return Err(FormatError::Write {
+            path: output.to_path_buf(),
+            reason: format!(
+                "converting {} writes {}: name {wanted}",
+                if from_gguf {
+                    "a GGUF model"
+                } else {
+                    "a safetensors model"
+                },
+                format.name()
+            ),
+        }
+        .into());
+    }
+    let dest = Destination::resolve(output, Some(format))?;
+    dest.check(opts.force)?;
+    if from_gguf {
+        gguf_to_safetensors(input, &dest, opts, progress)
+    } else {
+        safetensors_to_gguf(input, &dest, opts, progress)
     }
 }
 
-/// The weights path and the directory for `config.json` of a safetensors output.
-fn safetensors_target(output: &Path) -> Result<(PathBuf, PathBuf)> {
-    if output.extension().is_some_and(|x| x == "safetensors") {
-        let dir = match output.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        return Ok((output.to_path_buf(), dir));
+/// Refuses an output that is the input, or one of the input's files (a directory input).
+fn refuse_input_as_output(input: &Path, output: &Path) -> Result<()> {
+    let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => false,
+    };
+    if same(input, output) {
+        return Err(FormatError::Write {
+            path: output.to_path_buf(),
+            reason: format!(
+                "refusing to overwrite the input {}; choose another output path",
+                input.display()
+            ),
+        }
+        .into());
     }
-    std::fs::create_dir_all(output).map_err(|source| FormatError::Io {
-        path: output.to_path_buf(),
-        what: "cannot create the output directory",
-        source,
-    })?;
-    Ok((output.join(SINGLE_FILE), output.to_path_buf()))
+    Ok(())
 }
 
 fn gguf_to_safetensors(
     input: &Path,
-    output: &Path,
+    dest: &Destination,
     opts: &ConvertOptions,
     progress: &dyn Progress,
 ) -> Result<ConvertReport> {
@@ -213,17 +248,19 @@ fn gguf_to_safetensors(
         source.push(i);
     }
 
-    let (weights, dir) = safetensors_target(output)?;
+    let created_dir = dest.prepare(opts.force)?;
     let inputs: Vec<&Path> = model.shards().iter().map(|s| s.path()).collect();
     let st_opts = SafetensorsOptions {
         max_shard_bytes: opts.max_shard_bytes,
+        path_is_named: !dest.is_dir,
+        overwrite: opts.force,
         ..SafetensorsOptions::default()
     };
     progress.start(total);
     let n = export.len();
     let result = with_threads(opts.threads, || {
         safetensors::write_safetensors(
-            &weights,
+            &dest.file,
             &config,
             &export,
             &st_opts,
@@ -261,10 +298,11 @@ fn gguf_to_safetensors(
     outputs.extend(written.index.clone());
     let mut output_bytes = written.bytes;
     if opts.write_config {
-        let p = safetensors::write_config_json(&dir, &config, &inputs)?;
+        let p = safetensors::write_config_json(&dest.dir, &config, &inputs, opts.force)?;
         output_bytes += std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
         outputs.push(p);
     }
+    created_dir.keep();
     Ok(ConvertReport {
         direction: ConvertDirection::GgufToSafetensors,
         tensors: n,
@@ -304,7 +342,7 @@ fn output_metadata(base: &Metadata, specs: &[TensorSpec]) -> Metadata {
 
 fn safetensors_to_gguf(
     input: &Path,
-    output: &Path,
+    dest: &Destination,
     opts: &ConvertOptions,
     progress: &dyn Progress,
 ) -> Result<ConvertReport> {
@@ -403,7 +441,7 @@ fn safetensors_to_gguf(
     let mut inputs: Vec<&Path> = model.files();
     inputs.extend(base.shards().iter().map(|s| s.path()));
     let version = base.shards()[0].header().version.max(2);
-    let mut writer = GgufWriter::create(output, version, &md, &specs, &inputs)?;
+    let mut writer = GgufWriter::create(&dest.file, version, &md, &specs, &inputs)?;
 
     progress.start(total);
     let n = specs.len();
@@ -453,7 +491,7 @@ fn safetensors_to_gguf(
         tensors: n,
         skipped: model.skipped().to_vec(),
         trimmed,
-        outputs: vec![output.to_path_buf()],
+        outputs: vec![dest.file.clone()],
         input_bytes: model.file_size(),
         output_bytes,
         seconds: started.elapsed().as_secs_f64(),

@@ -25,6 +25,9 @@ pub struct Question {
     pub prompt: String,
     /// The expected continuation; a newline (or end of generation) must follow it.
     pub answer: String,
+    /// Line of the file it was read from (1-based; 0 when not read from a file).
+    #[serde(skip)]
+    pub line: usize,
 }
 
 /// Reads questions from a JSON Lines file (blank lines are skipped); a malformed line is an
@@ -37,7 +40,7 @@ pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
         if line.trim().is_empty() {
             continue;
         }
-        let q: Question = serde_json::from_str(line).map_err(|e| {
+        let mut q: Question = serde_json::from_str(line).map_err(|e| {
             Error::Invalid(format!(
                 "{}:{}: not a {{\"prompt\": …, \"answer\": …}} object: {e}",
                 path.display(),
@@ -51,6 +54,7 @@ pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
                 i + 1
             )));
         }
+        q.line = i + 1;
         out.push(q);
     }
     if out.is_empty() {
@@ -89,8 +93,15 @@ pub fn evaluate(
 ) -> Result<EvalReport> {
     progress.start(questions.len() as u64);
     let mut scores = Vec::with_capacity(questions.len());
-    for q in questions {
-        scores.push(session.score_answer(&q.prompt, &q.answer)?);
+    for (i, q) in questions.iter().enumerate() {
+        let score = session.score_answer(&q.prompt, &q.answer).map_err(|e| {
+            let at = match q.line {
+                0 => format!("question {}", i + 1),
+                line => format!("line {line}"),
+            };
+            Error::Invalid(format!("{at}: {e}"))
+        })?;
+        scores.push(score);
         progress.advance(1);
     }
     progress.finish();

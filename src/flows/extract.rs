@@ -12,7 +12,11 @@ use std::io::{BufWriter, Read, Write};
 use std::path::Path;
 use std::time::Instant;
 
-use crate::delta::pack::{fingerprint, MaskKind, INDICES_SUFFIX, PACK_TYPE, VALUES_SUFFIX};
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::delta::pack::{
+    fingerprint, MaskKind, INDICES_SUFFIX, KEY_CHECKSUM, PACK_TYPE, VALUES_SUFFIX,
+};
 use crate::error::{Error, Result};
 use crate::flows::merge::open_model;
 use crate::flows::progress::{with_threads, Progress};
@@ -196,31 +200,17 @@ pub fn extract_delta(
         },
     };
 
-    // Pass 1: every changed tensor's kept values (and indices) to a spill file.
-    let spill_path = output.with_file_name(format!(
-        ".{}.ggmerge-spill-{}.tmp",
-        output
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    struct Spill(std::path::PathBuf);
-    impl Drop for Spill {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
-        }
-    }
-    let spill_guard = Spill(spill_path.clone());
-    let mut spill = BufWriter::new(File::create(&spill_path).map_err(|e| {
-        invalid(format!(
-            "{}: cannot create a temporary file: {e}",
-            spill_path.display()
-        ))
-    })?);
+    // Pass 1: every changed tensor's kept values (and indices) to a spill file (a registered
+    // temporary file: removed on error, on Ctrl-C, or by a later run if this one is killed).
+    crate::format::output::check_output_path(output)?;
+    let (spill_file, spill) = crate::format::output::TempFile::create(output, "spill")?;
+    let spill_path = spill_file.path().to_path_buf();
+    let mut spill = BufWriter::new(spill);
+    // The pack's checksum: its tensors' data, in order, as written (DeltaPack verifies it).
+    let mut checksum = Xxh3::new();
     let io = |e: std::io::Error| {
         invalid(format!(
-            "{}: cannot write the temporary file (disk full?): {e}",
+            "{}: cannot write the temporary file (is the disk full?): {e}",
             spill_path.display()
         ))
     };
@@ -327,10 +317,10 @@ pub fn extract_delta(
             .map_err(|e| match e {
                 MergeTensorError::Write(e) => e,
                 MergeTensorError::Engine(e) => Error::Tensor {
-                    path: if e.input.is_some() {
-                        finetuned.to_path_buf()
-                    } else {
+                    path: if e.culprit == engine::Culprit::Base {
                         base_path.to_path_buf()
+                    } else {
+                        finetuned.to_path_buf()
                     },
                     source: e.source,
                 },
@@ -363,6 +353,7 @@ pub fn extract_delta(
                 },
             )?;
             spill.write_all(&encoded).map_err(io)?;
+            checksum.update(&encoded);
             let dv = format!("{name}{VALUES_SUFFIX}");
             if dv.len() > 63 {
                 return Err(invalid(format!("tensor name {name:?} is too long for a pack (GGUF allows 63 bytes with the .dv suffix)")));
@@ -375,6 +366,7 @@ pub fn extract_delta(
             if mask_kind == MaskKind::Explicit {
                 let bytes: Vec<u8> = indices.iter().flat_map(|i| i.to_le_bytes()).collect();
                 spill.write_all(&bytes).map_err(io)?;
+                checksum.update(&bytes);
                 specs.push(TensorSpec {
                     name: format!("{name}{INDICES_SUFFIX}"),
                     shape: vec![kept],
@@ -419,6 +411,10 @@ pub fn extract_delta(
     md.set("delta.mask", Value::String(mask_kind.name().into()));
     md.set("delta.values", Value::String(opts.values.name().into()));
     md.set("delta.kept", Value::Array(Array::U64(kept_counts.clone())));
+    md.set(
+        KEY_CHECKSUM,
+        Value::String(format!("{:016x}", checksum.digest())),
+    );
     let mut writer = GgufWriter::create(output, 3, &md, &specs, &[base_path, finetuned])?;
     let mut spill = File::open(&spill_path).map_err(io)?;
     for spec in &specs {
@@ -428,7 +424,7 @@ pub fn extract_delta(
         writer.write_tensor(&buf)?;
     }
     let pack_bytes = writer.finish()?;
-    drop(spill_guard);
+    drop(spill_file);
 
     let e = elements.max(1) as f64;
     let delta_rms = (sumsq / e).sqrt();

@@ -67,6 +67,8 @@ pub struct PackSummary {
     pub values: String,
     /// Changed tensors and their kept value counts.
     pub tensors: Vec<(String, u64)>,
+    /// The data checksum, verified on opening (`None`: a pack written before packs had one).
+    pub checksum: Option<String>,
 }
 
 /// Everything `ggmerge inspect` shows.
@@ -197,6 +199,7 @@ pub fn inspect(path: impl AsRef<Path>) -> crate::Result<ModelSummary> {
             mask: p.mask.name().into(),
             values: p.values.name().into(),
             tensors: p.tensors.clone(),
+            checksum: p.checksum.clone(),
         });
     }
     Ok(summary)

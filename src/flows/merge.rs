@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 use crate::flows::progress::{with_threads, Progress};
 use crate::format::gguf::{is_gguf_file, GgufModel, GgufWriter, Metadata, TensorSpec, Value};
 use crate::format::hf_names::{self, HfConfig};
+use crate::format::output::{Destination, FileFormat};
 use crate::format::safetensors::{
     write_safetensors, ExportTensor, SafetensorsModel, SafetensorsOptions,
 };
@@ -25,17 +26,24 @@ use crate::format::source::{ModelSource, SourceTensor};
 use crate::format::{nbytes, GgmlType};
 use crate::merge::config::{MergeConfig, Method, Rescale, TensorContext};
 use crate::merge::engine::{
-    self, InputTensor, Kind, MergeTensorError, MethodSpec, ModelInput, ModelParams, RescaleMode,
-    SlabPool, SparseDelta, SparseMask, TensorJob,
+    self, Culprit, InputTensor, Kind, MergeTensorError, MethodSpec, ModelInput, ModelParams,
+    RescaleMode, SlabPool, SparseDelta, SparseMask, TensorJob,
 };
 use crate::merge::kernel::Sparsifier;
 use crate::quant::{plan_types, ModelFacts, PlanInput, Target, FTYPES};
 
 /// Options of [`merge_models`] beyond the config.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct MergeOptions {
-    /// Output GGUF path.
+    /// Output path: `*.gguf` (GGUF), `*.safetensors` or a directory (safetensors with Hugging
+    /// Face names); any other name needs [`MergeOptions::format`]
+    /// ([`Destination::resolve`]).
     pub output: PathBuf,
+    /// The output format, when the path does not say it.
+    pub format: Option<FileFormat>,
+    /// Replace existing files beside the named output (`config.json`, shards, the files
+    /// inside an output directory); without it they are an error.
+    pub force: bool,
     /// Output type: `None` keeps every tensor's base type; a ggml type name (`Q8_0`, `F16`)
     /// gives every weight matrix that type; a mixture name (`Q4_K_M`) applies llama.cpp's
     /// per-tensor rules. Overrides the config's `dtype`/`type`.
@@ -84,6 +92,8 @@ pub struct MergePlan {
     pub reference: Box<dyn ModelSource>,
     /// Output format, from the output path.
     pub format: OutputFormat,
+    /// Where the output goes.
+    pub destination: Destination,
     /// Models (fine-tunes or delta packs) in input order.
     pub models: Vec<MergeInput>,
     /// Method, resolved.
@@ -100,6 +110,8 @@ pub struct MergePlan {
     pub output_bytes: u64,
     /// Estimated peak working memory in bytes (besides memory-mapped inputs).
     pub peak_memory: u64,
+    /// Found while planning (delta packs of absurd scale).
+    pub warnings: Vec<String>,
 }
 
 /// One merge input: a model (GGUF or safetensors), or a delta pack of one.
@@ -181,6 +193,8 @@ pub struct MergeReport {
     pub copied: usize,
     /// Output size.
     pub output_bytes: u64,
+    /// Where the output went, and in which format.
+    pub destination: Destination,
     /// Wall time.
     pub seconds: f64,
     /// Per model.
@@ -203,6 +217,15 @@ pub fn open_model(path: &Path, fallback: Option<&HfConfig>) -> Result<Box<dyn Mo
             "{}: no such file or directory",
             path.display()
         )));
+    }
+    // A file that is neither GGUF nor named like safetensors is reported as a bad GGUF (its
+    // magic), not as a bad safetensors model.
+    let safetensors_name = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("safetensors") || e.eq_ignore_ascii_case("json"));
+    if path.is_file() && !safetensors_name {
+        return Ok(Box::new(GgufModel::open(path)?));
     }
     Ok(Box::new(match fallback {
         Some(c) => SafetensorsModel::open_or_config(path, c.clone())?,
@@ -297,9 +320,10 @@ fn model_params(
             config.models[i].model
         )));
     }
-    if !weight.is_finite() {
+    if !crate::merge::config::number_fits_f32(weight) {
         return Err(Error::Invalid(format!(
-            "model {}: weight for tensor {name:?} is not a finite number",
+            "model {}: weight {weight} for tensor {name:?} is not a finite number of at most \
+             3.4e38 in magnitude",
             config.models[i].model
         )));
     }
@@ -312,8 +336,11 @@ fn model_params(
     })
 }
 
-/// Resolves a config into a plan without computing anything (`--dry-run` prints it).
+/// Resolves a config into a plan without computing anything (`--dry-run` prints it). The
+/// output path is checked first ([`Destination::check`]), so a path that cannot be written
+/// fails before any input is opened.
 pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan> {
+    Destination::resolve(&opts.output, opts.format)?.check(opts.force)?;
     plan_merge_with_packs(config, opts, &[])
 }
 
@@ -397,6 +424,7 @@ pub fn plan_merge_with_packs(
         })
         .collect();
     let mut base_fingerprint: Option<String> = None;
+    let mut warnings = Vec::new();
     let mut models = Vec::with_capacity(config.models.len());
     for input in opened {
         let (input, unchecked) = input?;
@@ -409,6 +437,7 @@ pub fn plan_merge_with_packs(
                     reference.as_ref(),
                     base_fingerprint.as_deref().unwrap_or(""),
                 )?;
+                warnings.extend(pack.scale_warnings(reference.as_ref())?);
             }
             if let Some((name, _)) = pack
                 .tensors
@@ -424,11 +453,8 @@ pub fn plan_merge_with_packs(
         }
         models.push(input);
     }
-    let to_gguf = opts
-        .output
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
-    let format = if to_gguf {
+    let destination = Destination::resolve(&opts.output, opts.format)?;
+    let format = if destination.format == FileFormat::Gguf {
         if reference.metadata().is_none() {
             return Err(invalid(format!(
                 "{}: GGUF output takes its metadata and tokenizer from a GGUF base, but the base {} is safetensors; \
@@ -660,8 +686,10 @@ pub fn plan_merge_with_packs(
         tensors,
         metadata,
         format,
+        destination,
         output_bytes,
         peak_memory,
+        warnings,
     })
 }
 
@@ -672,7 +700,7 @@ pub fn plan_merge_with_packs(
 /// use ggmerge::{merge_models, MergeOptions, NoProgress};
 ///
 /// let config = MergeConfig::from_path("merge.yml".as_ref())?;
-/// let opts = MergeOptions { output: "merged.gguf".into(), out_type: None, seed: Some(42), threads: None };
+/// let opts = MergeOptions { output: "merged.gguf".into(), seed: Some(42), ..Default::default() };
 /// let report = merge_models(&config, &opts, &NoProgress)?;
 /// println!("{} tensors merged, {} copied", report.merged, report.copied);
 /// # Ok::<(), Box<dyn std::error::Error>>(())
@@ -894,16 +922,49 @@ fn produce<'p>(
             };
             let st = merged.map_err(|e| match e {
                 MergeTensorError::Write(e) => e,
-                MergeTensorError::Engine(e) => Error::Tensor {
-                    path: match e.input {
-                        None => plan.reference.path().to_path_buf(),
-                        Some(i) => plan.models[i].path().to_path_buf(),
-                    },
-                    source: e.source,
-                },
+                MergeTensorError::Engine(e) => engine_error(plan, t, e),
             })?;
             Ok(Some(st))
         }
+    }
+}
+
+/// The flow's error for an engine error on tensor `t`: the input it names, or — when the
+/// merged values themselves overflow — the parameters that made them.
+fn engine_error(plan: &MergePlan, t: &PlannedTensor, e: engine::EngineError) -> Error {
+    let path = |culprit| match culprit {
+        Culprit::Model(i) => plan.models[i].path().to_path_buf(),
+        _ => plan.reference.path().to_path_buf(),
+    };
+    match e.culprit {
+        Culprit::Result => {
+            let weights = plan
+                .models
+                .iter()
+                .zip(&t.params)
+                .map(|(m, p)| format!("{:?} for {}", p.weight, m.path().display()))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let what = match &e.source {
+                crate::quant::QuantError::NonFinite { index, value, .. } => {
+                    format!("merged element {index} is {value}")
+                }
+                crate::quant::QuantError::OutOfRange { ty, max, .. } => {
+                    format!("merged values reach {max:e}, more than {ty} can store")
+                }
+                other => other.to_string(),
+            };
+            Error::Invalid(format!(
+                "tensor {:?}: {what}, although every input value there is finite: the merge's \
+                 parameters push the result out of range (weight {weights}; lambda {}); use \
+                 weights and lambda of ordinary size (around 1)",
+                t.name, t.lambda
+            ))
+        }
+        culprit => Error::Tensor {
+            path: path(culprit),
+            source: e.source,
+        },
     }
 }
 
@@ -983,6 +1044,7 @@ fn run_plan(
     inputs.extend(plan.models.iter().map(|m| m.path()));
     let mut totals = Totals::default();
     let n = plan.tensors.len();
+    let created_dir = plan.destination.prepare(opts.force)?;
     progress.start(plan.output_bytes);
     let result = with_threads(opts.threads, || match &plan.format {
         OutputFormat::Gguf => {
@@ -995,7 +1057,8 @@ fn run_plan(
                     ty: t.out_ty,
                 })
                 .collect();
-            let mut writer = GgufWriter::create(&opts.output, 3, &plan.metadata, &specs, &inputs)?;
+            let mut writer =
+                GgufWriter::create(&plan.destination.file, 3, &plan.metadata, &specs, &inputs)?;
             // A writer thread takes finished slabs through a short queue, so the next slab (and
             // the next tensor) is computed while the previous one is written.
             enum Msg<'p> {
@@ -1124,13 +1187,15 @@ fn run_plan(
                 .collect();
             let st_opts = SafetensorsOptions {
                 max_shard_bytes: *max_shard_bytes,
+                path_is_named: !plan.destination.is_dir,
+                overwrite: opts.force,
                 ..Default::default()
             };
             // The writer pulls f32 slabs in order; each tensor is merged whole (as F32) when its
             // first slab is asked for — one tensor in f32 at a time.
             let mut current: Option<(usize, Vec<f32>)> = None;
             let out = write_safetensors(
-                &opts.output,
+                &plan.destination.file,
                 config,
                 &export,
                 &st_opts,
@@ -1162,14 +1227,18 @@ fn run_plan(
                     Ok::<(), Error>(())
                 },
             )?;
-            if let Some(dir) = out.files.first().and_then(|f| f.parent()) {
-                crate::format::safetensors::write_config_json(dir, config, &inputs)?;
-            }
+            crate::format::safetensors::write_config_json(
+                &plan.destination.dir,
+                config,
+                &inputs,
+                opts.force,
+            )?;
             Ok(out.bytes)
         }
     });
     progress.finish();
     let output_bytes = result?;
+    created_dir.keep();
     let Totals {
         zero,
         sumsq,
@@ -1190,7 +1259,7 @@ fn run_plan(
     let kept = if kept.is_empty() { vec![0; m] } else { kept };
 
     let step_rms = (step_blocks > 0).then(|| (step_sumsq / step_blocks as f64).sqrt());
-    let mut warnings = Vec::new();
+    let mut warnings = plan.warnings.clone();
     let models: Vec<ModelReport> = plan
         .models
         .iter()
@@ -1242,6 +1311,7 @@ fn run_plan(
             .filter(|t| t.action == TensorAction::Copy)
             .count(),
         output_bytes,
+        destination: plan.destination.clone(),
         seconds: started.elapsed().as_secs_f64(),
         models,
         retention,

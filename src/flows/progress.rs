@@ -3,7 +3,8 @@
 
 pub use crate::progress::{NoProgress, Progress};
 
-/// Runs `f` on a rayon pool of `threads` threads (all cores when `None`).
+/// Runs `f` on a rayon pool of `threads` threads (all cores when `None`; at most
+/// [`crate::threads::max_threads`]).
 pub fn with_threads<T: Send>(
     threads: Option<usize>,
     f: impl FnOnce() -> crate::Result<T> + Send,
@@ -15,7 +16,7 @@ pub fn with_threads<T: Send>(
                 "thread count must be at least 1".into(),
             ));
         }
-        b = b.num_threads(n);
+        b = b.num_threads(crate::threads::clamp(Some(n)));
     }
     let pool = b.build().map_err(|e| crate::Error::Threads {
         threads: threads.unwrap_or(0),

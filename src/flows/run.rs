@@ -17,7 +17,9 @@ use crate::error::{Error, Result};
 use crate::flows::merge::{for_each_changed_tensor, plan_merge_with_packs, MergeOptions};
 use crate::flows::progress::with_threads;
 use crate::format::gguf::GgufModel;
-use crate::merge::config::{ConfigSource, MergeConfig, Method, ModelEntry, ParamValue};
+use crate::merge::config::{
+    number_fits_f32, ConfigSource, MergeConfig, Method, ModelEntry, ParamValue,
+};
 use crate::runtime::{Model, Session, SessionOptions};
 
 /// One expert: a delta pack and its name (the file name without `.dpk.gguf`).
@@ -77,6 +79,7 @@ pub struct ExpertSession<'m> {
     /// Recent mixtures, most recent last: (key, bytes, size).
     cache: Vec<(String, TensorBytes, u64)>,
     cache_budget: u64,
+    warnings: Vec<String>,
 }
 
 fn mixture_key(weights: &[f64]) -> String {
@@ -113,9 +116,11 @@ impl<'m> ExpertSession<'m> {
         } else {
             fingerprint(&base)?
         };
+        let mut warnings = Vec::new();
         for e in &experts {
             let mut pack = DeltaPack::open(&e.path)?;
             pack.check_base(&base, &base_fingerprint)?;
+            warnings.extend(pack.scale_warnings(&base)?);
             index_bytes += with_threads(threads, || pack.cache_kept_indices(&base))?;
             packs.push(Arc::new(pack));
         }
@@ -132,6 +137,7 @@ impl<'m> ExpertSession<'m> {
             applied: HashSet::new(),
             cache: Vec::new(),
             cache_budget,
+            warnings,
         };
         s.set_mixture(weights)?;
         Ok(s)
@@ -140,6 +146,11 @@ impl<'m> ExpertSession<'m> {
     /// The llama.cpp session (generate, perplexity, logits).
     pub fn session(&mut self) -> &mut Session<'m> {
         &mut self.session
+    }
+
+    /// What opening the packs found worth telling (packs of absurd scale).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
     }
 
     /// The experts, in order.
@@ -173,9 +184,8 @@ impl<'m> ExpertSession<'m> {
         }
         let opts = MergeOptions {
             output: self.base_path.with_extension("mixture.gguf"),
-            out_type: None,
-            seed: None,
             threads: self.threads,
+            ..Default::default()
         };
         let plan = plan_merge_with_packs(&config, &opts, &self.packs)?;
         let mut out = Vec::new();
@@ -197,9 +207,15 @@ impl<'m> ExpertSession<'m> {
                 self.experts.len()
             )));
         }
-        if let Some(w) = weights.iter().find(|w| !w.is_finite()) {
+        if let Some((e, w)) = self
+            .experts
+            .iter()
+            .zip(weights)
+            .find(|(_, &w)| !number_fits_f32(w))
+        {
             return Err(Error::Invalid(format!(
-                "expert weight {w} is not a finite number"
+                "weight {w} of expert {} is not a finite number of at most 3.4e38 in magnitude",
+                e.name
             )));
         }
         let key = mixture_key(weights);
@@ -251,6 +267,7 @@ impl<'m> ExpertSession<'m> {
     /// Parses `name=weight …` (experts not named keep weight 0) into weights.
     pub fn parse_mixture(&self, spec: &str) -> Result<Vec<f64>> {
         let mut w = vec![0.0; self.experts.len()];
+        let mut seen = HashSet::new();
         for part in spec.split_whitespace() {
             let (name, value) = part.split_once('=').ok_or_else(|| {
                 Error::Invalid(format!("{part:?}: write name=weight, e.g. math=1 code=0.3"))
@@ -269,10 +286,18 @@ impl<'m> ExpertSession<'m> {
             let v: f64 = value
                 .parse()
                 .ok()
-                .filter(|v: &f64| v.is_finite())
+                .filter(|v: &f64| number_fits_f32(*v))
                 .ok_or_else(|| {
-                    Error::Invalid(format!("weight {value:?} of {name} is not a number"))
+                    Error::Invalid(format!(
+                        "weight {value:?} of {name} is not a finite number of at most 3.4e38 \
+                         in magnitude"
+                    ))
                 })?;
+            if !seen.insert(i) {
+                return Err(Error::Invalid(format!(
+                    "expert {name} is given twice; give each expert once"
+                )));
+            }
             w[i] = v;
         }
         Ok(w)

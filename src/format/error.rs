@@ -8,7 +8,7 @@ use std::path::PathBuf;
 #[non_exhaustive]
 pub enum FormatError {
     /// An I/O call failed.
-    #[error("{}: {what}: {source}", path.display())]
+    #[error("{}: {what}", path.display())]
     Io {
         /// The file.
         path: PathBuf,
@@ -171,6 +171,15 @@ pub enum FormatError {
         path: PathBuf,
         /// What is wrong.
         reason: String,
+    },
+    /// An input changed while it was being read (another process truncated or rewrote it):
+    /// the output would mix old and new bytes, so it is not written.
+    #[error("{}: the input changed while ggmerge was reading it ({detail}); no output was written — run again once nothing else writes to it", path.display())]
+    InputChanged {
+        /// The input.
+        path: PathBuf,
+        /// What changed.
+        detail: String,
     },
     /// A `config.json` or `model.safetensors.index.json` is invalid or names an unsupported
     /// architecture.

@@ -837,8 +837,34 @@ impl SafetensorsWriter {
         metadata: &BTreeMap<String, String>,
         inputs: &[&Path],
     ) -> Result<SafetensorsWriter> {
+        Self::create_file(path, tensors, metadata, inputs, None)
+    }
+
+    /// [`SafetensorsWriter::create`] for a file written beside the output the user named (a
+    /// shard, or the weights inside an output directory): an existing file is replaced only
+    /// with `overwrite` (`--force`).
+    pub fn create_beside(
+        path: &Path,
+        tensors: &[StTensorSpec],
+        metadata: &BTreeMap<String, String>,
+        inputs: &[&Path],
+        overwrite: bool,
+    ) -> Result<SafetensorsWriter> {
+        Self::create_file(path, tensors, metadata, inputs, Some(overwrite))
+    }
+
+    fn create_file(
+        path: &Path,
+        tensors: &[StTensorSpec],
+        metadata: &BTreeMap<String, String>,
+        inputs: &[&Path],
+        beside: Option<bool>,
+    ) -> Result<SafetensorsWriter> {
         let (header, sizes) = encode_header(tensors, metadata, path)?;
-        let mut out = OutputFile::create(path, inputs)?;
+        let mut out = match beside {
+            None => OutputFile::create(path, inputs)?,
+            Some(overwrite) => OutputFile::create_beside(path, inputs, overwrite)?,
+        };
         out.write_all(&header)?;
         let tensor_start = out.written();
         Ok(SafetensorsWriter {
@@ -882,7 +908,7 @@ impl SafetensorsWriter {
         }
         self.next += 1;
         self.tensor_start = self.out.written();
-        Ok(())
+        self.out.check_inputs()
     }
 
     /// Checks every tensor was written and returns the uncommitted output.
@@ -927,6 +953,13 @@ pub struct SafetensorsOptions {
     /// The `__metadata__` of every file (default `{"format": "pt"}`, which transformers
     /// expects).
     pub metadata: BTreeMap<String, String>,
+    /// Whether the weights path given to [`write_safetensors`] is itself the output the user
+    /// named (default). `false` for the weights inside an output directory: every file is then
+    /// written *beside* the named output, like shards and the index always are.
+    pub path_is_named: bool,
+    /// Replace existing files beside the named output (`--force`); without it they are an
+    /// error naming the file.
+    pub overwrite: bool,
 }
 
 impl Default for SafetensorsOptions {
@@ -934,6 +967,8 @@ impl Default for SafetensorsOptions {
         SafetensorsOptions {
             max_shard_bytes: None,
             metadata: BTreeMap::from([("format".to_string(), "pt".to_string())]),
+            path_is_named: true,
+            overwrite: false,
         }
     }
 }
@@ -1112,7 +1147,11 @@ pub fn write_safetensors<E: From<FormatError>>(
     let mut bytes: Vec<u8> = Vec::new();
     for (range, file) in shards.iter().zip(&files) {
         let specs: Vec<StTensorSpec> = plan[range.clone()].iter().map(|p| p.spec.clone()).collect();
-        let mut w = SafetensorsWriter::create(file, &specs, &opts.metadata, inputs)?;
+        let mut w = if file == path && opts.path_is_named {
+            SafetensorsWriter::create(file, &specs, &opts.metadata, inputs)?
+        } else {
+            SafetensorsWriter::create_beside(file, &specs, &opts.metadata, inputs, opts.overwrite)?
+        };
         for i in range.clone() {
             let p = &plan[i];
             let shape = &tensors[i].shape;
@@ -1180,7 +1219,7 @@ pub fn write_safetensors<E: From<FormatError>>(
         });
         let text = serde_json::to_vec_pretty(&json)
             .map_err(|e| werr(format!("cannot encode the index: {e}")))?;
-        let mut out = OutputFile::create(ix, inputs)?;
+        let mut out = OutputFile::create_beside(ix, inputs, opts.overwrite)?;
         out.write_all(&text)?;
         out.write_all(b"\n")?;
         pending.push(out);
@@ -1202,14 +1241,20 @@ pub fn write_safetensors<E: From<FormatError>>(
 }
 
 /// Writes `config.json` (the minimal one of [`HfConfig::to_json`]) into `dir`, via a temporary
-/// file. Returns its path.
-pub fn write_config_json(dir: &Path, config: &HfConfig, inputs: &[&Path]) -> Result<PathBuf> {
+/// file; an existing `config.json` is replaced only with `overwrite` (it is a file beside the
+/// output the user named). Returns its path.
+pub fn write_config_json(
+    dir: &Path,
+    config: &HfConfig,
+    inputs: &[&Path],
+    overwrite: bool,
+) -> Result<PathBuf> {
     let path = dir.join(CONFIG_FILE);
     let text = serde_json::to_vec_pretty(&config.to_json()).map_err(|e| FormatError::Write {
         path: path.clone(),
         reason: format!("cannot encode config.json: {e}"),
     })?;
-    let mut out = OutputFile::create(&path, inputs)?;
+    let mut out = OutputFile::create_beside(&path, inputs, overwrite)?;
     out.write_all(&text)?;
     out.write_all(b"\n")?;
     out.commit()?;

@@ -627,6 +627,7 @@ impl MergeConfig {
 
     /// Parses a mergekit YAML config (the `models:` form) and validates it.
     pub fn from_yaml_str(s: &str) -> Result<MergeConfig, ConfigError> {
+        check_nesting(s)?;
         let mut value: serde_norway::Value =
             serde_norway::from_str(s).map_err(ConfigError::Yaml)?;
         value.apply_merge().map_err(ConfigError::Yaml)?;
@@ -638,6 +639,7 @@ impl MergeConfig {
 
     /// Parses a native TOML config and validates it.
     pub fn from_toml_str(s: &str) -> Result<MergeConfig, ConfigError> {
+        check_nesting(s)?;
         let table: toml::Table = toml::from_str(s).map_err(ConfigError::Toml)?;
         let root = Node::from_toml(toml::Value::Table(table), "the config")?;
         let config = parse_native(root)?;
@@ -849,6 +851,55 @@ impl MergeConfig {
     }
 }
 
+/// Deepest `[`/`{` nesting a config may have (its deepest real use, a filtered gradient, is 3).
+pub const MAX_NESTING: usize = 32;
+
+/// Refuses text whose flow brackets/braces nest deeper than [`MAX_NESTING`], outside quoted
+/// strings and `#` comments — before a parser sees it (serde's YAML parser took 38 s on 100 000
+/// open brackets before reporting its recursion limit).
+fn check_nesting(text: &str) -> Result<(), ConfigError> {
+    let (mut depth, mut line) = (0usize, 1usize);
+    let mut quote: Option<char> = None;
+    let mut comment = false;
+    let mut prev = '\n';
+    let mut chars = text.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\n' {
+            line += 1;
+            comment = false;
+        } else if comment {
+        } else if let Some(q) = quote {
+            if c == '\\' && q == '"' {
+                chars.next();
+            } else if c == q {
+                quote = None;
+            }
+        } else {
+            match c {
+                '"' | '\'' => quote = Some(c),
+                '#' if prev.is_whitespace() => comment = true,
+                '[' | '{' => {
+                    depth += 1;
+                    if depth > MAX_NESTING {
+                        return Err(ConfigError::TooDeep { line });
+                    }
+                }
+                ']' | '}' => depth = depth.saturating_sub(1),
+                _ => {}
+            }
+        }
+        prev = c;
+    }
+    Ok(())
+}
+
+/// Whether a numeric parameter (weight, lambda, …) is usable: finite, and small enough to be
+/// a finite `f32`, the type the engine computes in (`1e39` is a finite `f64` that overflows to
+/// infinity as `f32`).
+pub fn number_fits_f32(x: f64) -> bool {
+    x.is_finite() && x.abs() <= f64::from(f32::MAX)
+}
+
 /// Whether DELLA's keep probabilities `density ± epsilon` lie in (0, 1), as mergekit requires
 /// (a density of 1 or more keeps everything and is always fine).
 pub fn della_bounds_ok(density: f64, epsilon: f64) -> bool {
@@ -864,7 +915,7 @@ pub fn della_bounds_ok(density: f64, epsilon: f64) -> bool {
 #[non_exhaustive]
 pub enum ConfigError {
     /// The file could not be read.
-    #[error("{}: cannot read: {source}", path.display())]
+    #[error("{}: cannot read", path.display())]
     Io {
         /// The file.
         path: PathBuf,
@@ -879,7 +930,7 @@ pub enum ConfigError {
         path: PathBuf,
     },
     /// A config file is invalid.
-    #[error("{}: {source}", path.display())]
+    #[error("{}", path.display())]
     InFile {
         /// The file.
         path: PathBuf,
@@ -888,14 +939,21 @@ pub enum ConfigError {
         source: Box<ConfigError>,
     },
     /// The YAML does not parse.
-    #[error("invalid YAML: {0}")]
+    #[error("invalid YAML")]
     Yaml(#[source] serde_norway::Error),
     /// The TOML does not parse.
-    #[error("invalid TOML: {0}")]
+    #[error("invalid TOML")]
     Toml(#[source] toml::de::Error),
     /// The document is empty.
     #[error("the merge config is empty")]
     Empty,
+    /// Brackets or braces are nested deeper than any merge config needs (checked before
+    /// parsing: parsers take quadratic time on such input).
+    #[error("line {line}: brackets/braces are nested more than {MAX_NESTING} deep; a merge config needs a few levels")]
+    TooDeep {
+        /// The line where the limit is passed (1-based).
+        line: usize,
+    },
     /// A key has a value of the wrong type.
     #[error("`{key}` must be {expected}, found {found}")]
     WrongType {
@@ -1191,12 +1249,15 @@ fn check_params(
         }
         for x in value.numbers() {
             let (ok, range) = match spec.range {
-                Range::Finite => (x.is_finite(), "a finite number"),
+                Range::Finite => (
+                    number_fits_f32(x),
+                    "a finite number of at most 3.4e38 in magnitude",
+                ),
                 Range::Density => (x > 0.0 && x <= 1.0, "in (0, 1]"),
                 Range::Fraction => ((0.0..1.0).contains(&x), "in [0, 1)"),
             };
             if !ok {
-                return Err(invalid(format!("{x} is out of range: must be {range}")));
+                return Err(invalid(format!("{x:?} is out of range: must be {range}")));
             }
         }
     }
@@ -2664,7 +2725,10 @@ density = 0.9
         ));
         let broken = dir.path().join("broken.yaml");
         std::fs::write(&broken, "slices: []\nmerge_method: linear\n").unwrap();
-        let e = MergeConfig::from_path(&broken).unwrap_err().to_string();
+        let e = format!(
+            "{:#}",
+            anyhow::Error::from(MergeConfig::from_path(&broken).unwrap_err())
+        );
         assert!(e.contains("broken.yaml") && e.contains("`slices`"), "{e}");
         assert!(matches!(
             MergeConfig::from_path(&dir.path().join("absent.toml")),
@@ -2700,6 +2764,31 @@ density = 0.9
         ] {
             assert!(MergeConfig::from_toml_str(s).is_err(), "{s}");
         }
+    }
+
+    #[test]
+    fn deep_nesting_is_refused_before_parsing() {
+        // 100 000 brackets took serde's YAML parser 38 s; refused here in a scan.
+        for text in [
+            "[".repeat(100_000),
+            "{a: ".repeat(100_000),
+            "x = ".to_string() + &"[".repeat(100_000),
+        ] {
+            let started = std::time::Instant::now();
+            let yaml = MergeConfig::from_yaml_str(&text).unwrap_err();
+            let toml = MergeConfig::from_toml_str(&text).unwrap_err();
+            assert!(started.elapsed() < std::time::Duration::from_secs(1));
+            for e in [yaml, toml] {
+                assert!(matches!(e, ConfigError::TooDeep { line: 1 }), "{e}");
+            }
+        }
+        // Real configs, with brackets in strings and comments, are fine.
+        let ok = "merge_method: task_arithmetic\nbase_model: \"b[[[[\"\nmodels:\n  # [[[[[[[[\n  - model: 'm{{{{'\n    parameters: {weight: [{filter: attn, value: [0.1, 0.2]}, {value: 1}]}\n";
+        MergeConfig::from_yaml_str(
+            &ok.replace("[[[[", &"[".repeat(40))
+                .replace("{{{{", &"{".repeat(40)),
+        )
+        .unwrap();
     }
 
     #[test]

@@ -228,13 +228,34 @@ pub fn signal_to_noise(delta_rms: f64, step_rms: f64) -> f64 {
     delta_rms / (step_rms / 12f64.sqrt() * 2f64.sqrt()).max(1e-30)
 }
 
-/// An error while merging a tensor; `input` is `None` for the base, `Some(i)` for model i.
+/// What an [`EngineError`] is to be blamed on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Culprit {
+    /// The base's data (a NaN/Inf weight, a bad size).
+    Base,
+    /// Model `i`'s data (a fine-tune's or a delta pack's values).
+    Model(usize),
+    /// The merge itself: every input was fine, but the combination is not representable (the
+    /// method's parameters — weights, λ — scale it past `f32` or the output type's range).
+    Result,
+}
+
+/// An error while merging a tensor, and what caused it.
 #[derive(Debug)]
 pub struct EngineError {
-    /// Which input the error concerns, if one.
-    pub input: Option<usize>,
+    /// Which input (or the merge's result) the error concerns.
+    pub culprit: Culprit,
     /// What failed.
     pub source: QuantError,
+}
+
+impl EngineError {
+    fn of(input: Option<usize>, source: QuantError) -> EngineError {
+        EngineError {
+            culprit: input.map_or(Culprit::Base, Culprit::Model),
+            source,
+        }
+    }
 }
 
 /// Per-thread work buffer of the main pass (merged values), reused across chunks and tensors
@@ -337,14 +358,14 @@ impl TensorJob<'_> {
         // Decode the value again for the message (the buffer may hold a delta by now).
         let mut values = vec![0f32; c.rows * self.n_per_row];
         codec::dequantize_into(t.ty, self.chunk_bytes(t, c), &mut values);
-        Err(EngineError {
+        Err(EngineError::of(
             input,
-            source: QuantError::NonFinite {
+            QuantError::NonFinite {
                 tensor: self.name.into(),
                 index: (c.row0 * self.n_per_row + i) as u64,
                 value: values[i],
             },
-        })
+        ))
     }
 
     fn dequant_rows(
@@ -402,10 +423,7 @@ impl TensorJob<'_> {
                     let start = (c.row0 * self.n_per_row) as u64;
                     let first = offsets[i].get(c.index).copied().unwrap_or(0);
                     self.expand_sparse(sp, start, first, d)
-                        .map_err(|source| EngineError {
-                            input: Some(i),
-                            source,
-                        })?;
+                        .map_err(|source| EngineError::of(Some(i), source))?;
                 }
             }
         }
@@ -438,6 +456,26 @@ impl TensorJob<'_> {
     /// Writes the sparse delta's elements `start..start + out.len()` into `out`; `first` is the
     /// index of the first kept value at or after `start`.
     fn expand_sparse(
+        &self,
+        sp: &SparseDelta<'_>,
+        start: u64,
+        first: u64,
+        out: &mut [f32],
+    ) -> Result<(), QuantError> {
+        self.expand_sparse_unchecked(sp, start, first, out)?;
+        // A pack's values were checked at extraction (and its checksum on open): a NaN/Inf
+        // here is a damaged or hand-made pack, named as the culprit.
+        match measure::first_non_finite(out) {
+            None => Ok(()),
+            Some(i) => Err(QuantError::NonFinite {
+                tensor: self.name.into(),
+                index: start + i as u64,
+                value: out[i],
+            }),
+        }
+    }
+
+    fn expand_sparse_unchecked(
         &self,
         sp: &SparseDelta<'_>,
         start: u64,
@@ -655,7 +693,7 @@ pub fn merge_tensor_into(
     let want = out_ty.row_bytes(job.n_per_row as u64).unwrap_or(0) as usize * job.n_rows;
     if dst.len() != want {
         return Err(MergeTensorError::Engine(EngineError {
-            input: None,
+            culprit: Culprit::Result,
             source: QuantError::SizeMismatch {
                 tensor: job.name.into(),
                 expected: want as u64,
@@ -879,7 +917,7 @@ fn merge_slabs(
                 &offsets,
                 parts,
                 job.measure,
-                |c, bytes: &mut [u8], loaded| -> Result<TensorStats, QuantError> {
+                |c, bytes: &mut [u8], loaded| -> Result<TensorStats, EngineError> {
                     let Loaded {
                         base,
                         deltas: d,
@@ -908,7 +946,7 @@ fn merge_slabs(
                     }
                     SCRATCH.with_borrow_mut(|scratch| {
                         let out = scratch.take(len);
-                        let mut finite = false;
+                        let mut in_range = false;
                         if spec.kind == Kind::Slerp {
                             for ((o, b), dv) in out.iter_mut().zip(base).zip(&d[0]) {
                                 *o = slerp.0 * b + slerp.1 * (b + dv);
@@ -933,15 +971,11 @@ fn merge_slabs(
                                 }
                                 return Ok(st);
                             }
-                            finite = kernel::combine(combine, base, d, &weights, out);
+                            in_range = kernel::combine(combine, base, d, &weights, out);
                         }
-                        if let Some(i) = (!finite).then(|| measure::first_non_finite(out)).flatten()
-                        {
-                            return Err(QuantError::NonFinite {
-                                tensor: job.name.into(),
-                                index: start + i as u64,
-                                value: out[i],
-                            });
+                        if !in_range {
+                            // Every input value was checked on loading: the parameters did it.
+                            check_merged(out, job.out_ty, job.name, start)?;
                         }
                         // Rows the merge leaves exactly as they were keep the base's own bytes:
                         // requantizing dequantized values is not always the identity (K-quants search
@@ -969,12 +1003,7 @@ fn merge_slabs(
             )
             .map_err(MergeTensorError::Engine)?;
         for r in results {
-            let st = r.map_err(|source| {
-                MergeTensorError::Engine(EngineError {
-                    input: None,
-                    source,
-                })
-            })?;
+            let st = r.map_err(MergeTensorError::Engine)?;
             for i in 0..m {
                 stats.zero_deltas[i] += st.zero_deltas[i];
                 stats.delta_sumsq[i] += st.delta_sumsq[i];
@@ -993,6 +1022,35 @@ fn merge_slabs(
         }
     }
     Ok(stats)
+}
+
+/// Checks merged values that [`kernel::combine`] found outside ±[`kernel::RANGE_LIMIT`]:
+/// a NaN/Inf is always an error; finite values beyond the limit are an error for every output
+/// type but F32 and BF16 (F16 holds ±65504, and quantized types store F16 block scales).
+/// `start` is the index of `out[0]` in the tensor.
+fn check_merged(out: &[f32], ty: GgmlType, tensor: &str, start: u64) -> Result<(), EngineError> {
+    let result = |source| EngineError {
+        culprit: Culprit::Result,
+        source,
+    };
+    if let Some(i) = measure::first_non_finite(out) {
+        return Err(result(QuantError::NonFinite {
+            tensor: tensor.into(),
+            index: start + i as u64,
+            value: out[i],
+        }));
+    }
+    if ty != GgmlType::F32 && ty != GgmlType::BF16 {
+        let max = out.iter().fold(0f32, |m, x| m.max(x.abs()));
+        if max > kernel::RANGE_LIMIT {
+            return Err(result(QuantError::OutOfRange {
+                tensor: tensor.into(),
+                ty,
+                max,
+            }));
+        }
+    }
+    Ok(())
 }
 
 /// The delta retention terms ([`measure::retention_sums`]) of one chunk: `bytes` are `out`

@@ -171,8 +171,8 @@ pub struct Combine {
 /// aside): each element sees the same IEEE operations in the same order, only several elements
 /// at once. Every delta and a non-empty `base` must be at least `out.len()` long.
 ///
-/// Returns whether every output value is finite (checked on the way, so the caller need not
-/// scan `out` again unless it is not).
+/// Returns whether every output value is within ±[`RANGE_LIMIT`] (NaN and ±Inf are not;
+/// checked on the way, so the caller need not scan `out` again unless it is not).
 pub fn combine(
     c: Combine,
     base: &[f32],
@@ -182,19 +182,25 @@ pub fn combine(
 ) -> bool {
     #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
     if super::simd::use_avx2() {
-        let (done, finite) = avx2::combine(c, base, deltas, weights, out);
+        let (done, in_range) = avx2::combine(c, base, deltas, weights, out);
         combine_blocks(c, base, deltas, weights, done, &mut out[done..]);
-        return finite && all_finite(&out[done..]);
+        return in_range && all_in_range(&out[done..]);
     }
     combine_blocks(c, base, deltas, weights, 0, out);
-    all_finite(out)
+    all_in_range(out)
 }
 
-/// Whether no value is NaN or infinite (a branch-free scan that vectorizes).
-fn all_finite(x: &[f32]) -> bool {
-    const EXPONENT: u32 = 0x7f80_0000;
+/// The magnitude every merged value stays within unless something is wrong: F16's largest
+/// value, and so what F16 outputs and the F16 block scales of the quantized types can hold.
+/// Real weights are orders of magnitude smaller; a merge beyond it comes from its parameters.
+pub const RANGE_LIMIT: f32 = 65504.0;
+
+/// Whether every value is finite and within ±[`RANGE_LIMIT`] (a branch-free scan that
+/// vectorizes: the bits of |x| order like the values, NaN and ±Inf last).
+pub fn all_in_range(x: &[f32]) -> bool {
+    let limit = RANGE_LIMIT.to_bits();
     x.iter().fold(0u32, |a, v| {
-        a | u32::from(v.to_bits() & EXPONENT == EXPONENT)
+        a | u32::from(v.to_bits() & 0x7fff_ffff > limit)
     }) == 0
 }
 
@@ -533,29 +539,36 @@ mod tests {
     }
 
     #[test]
-    fn combine_reports_non_finite_output() {
-        // 20 elements: two AVX2 groups and a portable tail; one overflow in each part.
+    fn combine_reports_output_out_of_range() {
+        // 20 elements: two AVX2 groups and a portable tail; one large value in each part.
         for at in [3, 19] {
-            let mut d = vec![1.0f32; 20];
-            d[at] = f32::MAX;
-            let deltas = vec![d.clone(), d];
             let c = Combine {
                 consensus: false,
                 normalize: false,
                 lambda: 1.0,
             };
-            for portable in [false, true] {
-                let mut out = [0f32; 20];
-                let (finite, finite_small) = with_portable(portable, || {
-                    (
-                        combine(c, &[], &deltas, &[1.0, 1.0], &mut out),
-                        combine(c, &[], &deltas, &[1e-3, 1e-3], &mut out),
-                    )
-                });
-                assert!(!finite, "overflow at {at} (portable {portable})");
-                assert!(finite_small);
+            // (delta value, weight, whether the sum of two stays in range)
+            for (x, w, ok) in [
+                (f32::MAX, 1.0, false),         // overflows to +inf
+                (f32::MAX, 1e-3, false),        // finite, far beyond F16
+                (RANGE_LIMIT / 2.0, 1.0, true), // exactly the limit
+                (RANGE_LIMIT, 1.0, false),      // twice the limit
+                (1.0, 1.0, true),
+            ] {
+                let mut d = vec![1.0f32; 20];
+                d[at] = x;
+                let deltas = vec![d.clone(), d];
+                for portable in [false, true] {
+                    let mut out = [0f32; 20];
+                    let in_range =
+                        with_portable(portable, || combine(c, &[], &deltas, &[w, w], &mut out));
+                    assert_eq!(in_range, ok, "{x} × {w} at {at} (portable {portable})");
+                    assert_eq!(in_range, all_in_range(&out));
+                }
             }
         }
+        assert!(!all_in_range(&[f32::NAN]) && !all_in_range(&[f32::NEG_INFINITY]));
+        assert!(all_in_range(&[-RANGE_LIMIT, 0.0, -0.0]));
     }
 
     #[test]

@@ -34,6 +34,16 @@ pub enum QuantError {
         /// The value.
         value: f32,
     },
+    /// Finite values too large for the type (F16 holds ±65504; block scales are F16 too).
+    #[error("tensor {tensor:?}: values up to {max:e} in magnitude do not fit in {ty}")]
+    OutOfRange {
+        /// The tensor.
+        tensor: String,
+        /// The type.
+        ty: GgmlType,
+        /// The largest magnitude.
+        max: f32,
+    },
     /// Buffer sizes disagree with the shape.
     #[error("tensor {tensor:?}: data is {found} bytes, expected {expected}")]
     SizeMismatch {

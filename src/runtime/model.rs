@@ -108,8 +108,7 @@ pub(crate) fn default_threads(threads: Option<usize>) -> Result<usize> {
         Some(0) => Err(RuntimeError::Invalid(
             "thread count must be at least 1".into(),
         )),
-        Some(n) => Ok(n),
-        None => Ok(std::thread::available_parallelism().map_or(4, |n| n.get())),
+        n => Ok(crate::threads::clamp(n)),
     }
 }
 

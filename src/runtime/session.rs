@@ -10,13 +10,38 @@ use super::model::{default_threads, Model, Token};
 /// How to create a [`Session`].
 #[derive(Debug, Clone)]
 pub struct SessionOptions {
-    /// Context size in tokens (`-c`). llama.cpp rounds the KV cache up to a multiple of 256, but
-    /// ggmerge uses this value as the limit (prompt length, perplexity chunk size).
+    /// Context size in tokens (`-c`); 0 takes the model's training context, as llama.cpp's
+    /// `-c 0`. llama.cpp rounds the KV cache up to a multiple of 256, but ggmerge uses this
+    /// value as the limit (prompt length, perplexity chunk size).
     pub n_ctx: u32,
     /// Tokens per `llama_decode` call (clamped to `n_ctx`).
     pub n_batch: u32,
     /// Threads (`-t`; all cores when `None`).
     pub threads: Option<usize>,
+}
+
+impl SessionOptions {
+    /// Checks the options without a model, so a command can refuse bad arguments before it
+    /// spends seconds loading one.
+    pub fn validate(&self) -> Result<()> {
+        if self.n_ctx > i32::MAX as u32 {
+            return Err(RuntimeError::Invalid(format!(
+                "context size {} is too large",
+                self.n_ctx
+            )));
+        }
+        if self.n_batch == 0 {
+            return Err(RuntimeError::Invalid(
+                "batch size must be at least 1".into(),
+            ));
+        }
+        if self.threads == Some(0) {
+            return Err(RuntimeError::Invalid(
+                "thread count must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
 }
 
 impl Default for SessionOptions {
@@ -54,27 +79,17 @@ impl std::fmt::Debug for Session<'_> {
 impl<'m> Session<'m> {
     /// Creates a context (`llama_init_from_model`) with `opts`.
     pub fn new(model: &'m Model, opts: &SessionOptions) -> Result<Session<'m>> {
-        if opts.n_ctx == 0 {
-            return Err(RuntimeError::Invalid(
-                "context size must be at least 1".into(),
-            ));
-        }
-        if opts.n_ctx > i32::MAX as u32 {
-            return Err(RuntimeError::Invalid(format!(
-                "context size {} is too large",
-                opts.n_ctx
-            )));
-        }
-        if opts.n_batch == 0 {
-            return Err(RuntimeError::Invalid(
-                "batch size must be at least 1".into(),
-            ));
-        }
-        let n_batch = opts.n_batch.min(opts.n_ctx);
+        opts.validate()?;
+        // 0: the model's training context, as llama.cpp's `-c 0`.
+        let n_ctx = match opts.n_ctx {
+            0 => model.n_ctx_train().max(1),
+            n => n,
+        };
+        let n_batch = opts.n_batch.min(n_ctx);
         let ctx = Context::new(
             model,
             &ContextParams {
-                n_ctx: opts.n_ctx,
+                n_ctx,
                 n_batch,
                 threads: default_threads(opts.threads)?,
                 cb_eval: None,
@@ -84,7 +99,7 @@ impl<'m> Session<'m> {
         Ok(Session {
             ctx,
             model,
-            n_ctx: opts.n_ctx,
+            n_ctx,
             n_batch,
         })
     }

@@ -43,6 +43,19 @@ pub fn python() -> String {
     std::env::var("GGMERGE_PYTHON").unwrap_or_else(|_| "python3".into())
 }
 
+/// An error with its sources, as the CLI prints it (`error: A: B: C`): library errors carry
+/// their cause as a source, not in their own message.
+pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// A fresh temporary directory for a test's outputs.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temporary directory")

@@ -227,7 +227,7 @@ impl GgufWriter {
         self.out.write_zeros(pad)?;
         self.next += 1;
         self.tensor_start = self.out.written();
-        Ok(())
+        self.out.check_inputs()
     }
 
     /// Checks every declared tensor was written, then syncs and renames into place. Returns the

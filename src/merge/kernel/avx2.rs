@@ -13,7 +13,7 @@ use core::arch::x86_64::{_CMP_EQ_OQ, _CMP_GE_OQ, _CMP_GT_OQ, _CMP_NEQ_UQ};
 
 use safe_arch::{
     add_m256, bitand_m256, bitand_m256i, bitandnot_m256, bitor_m256, bitxor_m256,
-    blend_varying_m256, cast_to_m256_from_m256i, cast_to_m256i_from_m256, cmp_eq_mask_i32_m256i,
+    blend_varying_m256, cast_to_m256_from_m256i, cast_to_m256i_from_m256, cmp_gt_mask_i32_m256i,
     cmp_op_mask_m256, div_m256, load_unaligned_m256, m256, move_mask_m256, mul_m256,
     set_splat_i32_m256i, set_splat_m256, zeroed_m256,
 };
@@ -25,7 +25,7 @@ const GROUP: usize = 8;
 
 /// Combines the whole groups of 8 at the start of `out` (see [`super::combine`] for the
 /// meaning) and returns how many elements it wrote (the caller finishes the rest) and whether
-/// they are all finite.
+/// they are all within [`super::RANGE_LIMIT`].
 pub(super) fn combine(
     c: Combine,
     base: &[f32],
@@ -62,12 +62,14 @@ impl Consts {
     }
 }
 
-/// All-ones lanes where `v` is NaN or infinite (every exponent bit set).
+/// All-ones lanes where `v` is out of [`super::RANGE_LIMIT`]'s range: NaN, infinite, or larger
+/// in magnitude (the bits of |v|, compared as integers, order like the values; NaN and ±Inf
+/// have the largest).
 #[inline(always)]
-fn non_finite(v: m256) -> m256 {
-    let exponent = set_splat_i32_m256i(0x7f80_0000);
-    let e = bitand_m256i(cast_to_m256i_from_m256(v), exponent);
-    cast_to_m256_from_m256i(cmp_eq_mask_i32_m256i(e, exponent))
+fn out_of_range(v: m256) -> m256 {
+    let abs = bitand_m256i(cast_to_m256i_from_m256(v), set_splat_i32_m256i(0x7fff_ffff));
+    let limit = set_splat_i32_m256i(super::RANGE_LIMIT.to_bits() as i32);
+    cast_to_m256_from_m256i(cmp_gt_mask_i32_m256i(abs, limit))
 }
 
 /// One group's output from its weighted deltas `x[i] = wᵢ·δᵢ` (in model order) and weights.
@@ -131,7 +133,7 @@ fn combine_fixed<const M: usize>(
 }
 
 /// The group loop of both versions: `load(x, g)` fills the weighted deltas of group `g`; the
-/// output goes to `groups`. Returns whether every output is finite.
+/// output goes to `groups`. Returns whether every output is within [`super::RANGE_LIMIT`].
 #[inline(always)]
 fn groups_loop<X: AsMut<[m256]> + ?Sized>(
     c: Combine,
@@ -150,7 +152,7 @@ fn groups_loop<X: AsMut<[m256]> + ?Sized>(
             None => k.zero,
         };
         let v = mix(c, k, x.as_mut(), w, b);
-        bad = bitor_m256(bad, non_finite(v));
+        bad = bitor_m256(bad, out_of_range(v));
         *o = v.into();
     }
     move_mask_m256(bad) == 0
