@@ -19,5 +19,6 @@ pub mod engine;
 pub mod kernel;
 pub mod mask;
 pub mod measure;
+pub mod method;
 pub mod select;
 mod simd;
