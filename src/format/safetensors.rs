@@ -171,13 +171,44 @@ fn last_tensor_end(header: &[u8]) -> Option<(String, u64)> {
         .max_by_key(|(_, e)| *e)
 }
 
+/// A safetensors header validated by [`parse_header`].
+#[derive(Clone, Debug)]
+pub struct StHeader {
+    /// Byte offset of the data section (8 + header length).
+    pub data_start: usize,
+    /// Tensors in data-offset order; their `data_offsets` are relative to `data_start`.
+    pub tensors: Vec<(String, StInfo)>,
+}
+
+/// Validates a whole safetensors file held in `bytes` (as [`SafetensorsModel::open`] does for
+/// each file it maps): length field, cap, header bounds, then the `safetensors` crate's full
+/// validation (UTF-8, JSON, dtypes, contiguous offsets, sizes, data ends at the end of
+/// `bytes`). `path` only names the file in errors. Any input gives `Ok` or an error, never a
+/// panic; every tensor of an `Ok` header lies inside `bytes`.
+pub fn parse_header(bytes: &[u8], path: &Path) -> Result<StHeader> {
+    StFile::parse(bytes, path)
+}
+
 impl StFile {
-    /// Maps and validates one safetensors file: length field, cap, header bounds (as
-    /// ggmerge's own checks, so truncation is reported as such), then the `safetensors` crate's
-    /// full validation (UTF-8, JSON, dtypes, contiguous offsets, sizes, data ends at EOF).
+    /// Maps and validates one safetensors file ([`parse_header`] on its bytes).
     fn open(path: &Path) -> Result<StFile> {
         let map = MappedFile::open(path)?;
-        let bytes = map.bytes();
+        let StHeader {
+            data_start,
+            tensors,
+        } = StFile::parse(map.bytes(), path)?;
+        Ok(StFile {
+            path: path.to_path_buf(),
+            map,
+            data_start,
+            tensors,
+        })
+    }
+
+    /// Validates the bytes of a safetensors file: length field, cap, header bounds (as
+    /// ggmerge's own checks, so truncation is reported as such), then the `safetensors` crate's
+    /// full validation (UTF-8, JSON, dtypes, contiguous offsets, sizes, data ends at EOF).
+    fn parse(bytes: &[u8], path: &Path) -> Result<StHeader> {
         let len = bytes.len() as u64;
         let invalid = |reason: String| FormatError::Safetensors {
             path: path.to_path_buf(),
@@ -253,9 +284,7 @@ impl StFile {
                 Some((name, info))
             })
             .collect();
-        Ok(StFile {
-            path: path.to_path_buf(),
-            map,
+        Ok(StHeader {
             data_start: 8 + n as usize,
             tensors,
         })
