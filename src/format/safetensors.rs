@@ -244,6 +244,18 @@ impl StFile {
             });
         }
         let header = &bytes[8..(8 + n) as usize];
+        // The `safetensors` crate adds the data size to the header size unchecked (a panic in
+        // builds with overflow checks), so a data end within 8 + n of 2^64 is refused first.
+        if let Some((name, end)) =
+            last_tensor_end(header).filter(|(_, e)| e.checked_add(8 + n).is_none())
+        {
+            return Err(FormatError::DataOutOfBounds {
+                path: path.to_path_buf(),
+                name,
+                end: end.saturating_add(8 + n),
+                file_len: len,
+            });
+        }
         let metadata = match SafeTensors::read_metadata(bytes) {
             Ok((_, m)) => m,
             Err(e) => {
@@ -1312,5 +1324,26 @@ mod tests {
         );
         assert!(encode(GgmlType::BF16, &[70000.0], &mut out).is_ok());
         assert!(encode(GgmlType::F16, &[f32::INFINITY], &mut out).is_ok());
+    }
+
+    #[test]
+    fn data_end_near_u64_max_is_out_of_bounds() {
+        // Eight contiguous 2^61 - 1 byte tensors end at 2^64 - 8: adding the header size
+        // overflows (the fuzzer's fuzz/artifacts-found/safetensors_header/data-end-overflow).
+        let k = (1u64 << 61) - 1;
+        let entries: Vec<String> = (0..8)
+            .map(|i| {
+                let (s, e) = (i * k, (i + 1) * k);
+                format!(r#""t{i}":{{"dtype":"U8","shape":[{k}],"data_offsets":[{s},{e}]}}"#)
+            })
+            .collect();
+        let json = format!("{{{}}}", entries.join(","));
+        let mut file = (json.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(json.as_bytes());
+        let e = parse_header(&file, Path::new("x")).unwrap_err();
+        assert!(
+            matches!(&e, FormatError::DataOutOfBounds { name, end: u64::MAX, .. } if name == "t7"),
+            "{e}"
+        );
     }
 }
