@@ -138,6 +138,9 @@ struct Spec {
     values: Val,
     kept: Kept,
     tensors: Vec<TensorSpecIn>,
+    /// Steps of the ascending `NAME.di` indices added for every `NAME.dv` that keeps values and
+    /// has none (explicit masks are otherwise rarely well-formed).
+    indices: Option<Vec<u8>>,
     /// Elements of the base tensor beyond `kept`, for the engine run.
     base_extra: u16,
     base_row: u8,
@@ -167,6 +170,19 @@ fn values_type(md: &Metadata) -> GgmlType {
         .and_then(Value::as_str)
         .and_then(GgmlType::from_name)
         .unwrap_or(GgmlType::F32)
+}
+
+/// `size` bytes of ascending u32s: each the previous plus one plus the next step.
+fn ascending(steps: &[u8], size: u64) -> Vec<u8> {
+    let mut next = 0u32;
+    let mut out = Vec::with_capacity(size as usize);
+    for i in 0..size.div_ceil(4) as usize {
+        out.extend_from_slice(&next.to_le_bytes());
+        let step = steps.get(i % steps.len().max(1)).copied().unwrap_or(0);
+        next = next.wrapping_add(1 + u32::from(step));
+    }
+    out.truncate(size as usize);
+    out
 }
 
 /// Renders a spec as a GGUF file, or `None` when the writer refuses it.
@@ -229,35 +245,42 @@ fn render(spec: &Spec) -> Option<Vec<u8>> {
             Data::Zero => vec![0; size as usize],
             Data::Bytes(b) if b.is_empty() => vec![0; size as usize],
             Data::Bytes(b) => b.iter().copied().cycle().take(size as usize).collect(),
-            Data::Ascending(steps) => {
-                let mut next = 0u32;
-                let mut out = Vec::with_capacity(size as usize);
-                for i in 0..size.div_ceil(4) as usize {
-                    out.extend_from_slice(&next.to_le_bytes());
-                    let step = steps.get(i % steps.len().max(1)).copied().unwrap_or(0);
-                    next = next.wrapping_add(1 + u32::from(step));
-                }
-                out.truncate(size as usize);
-                out
-            }
+            Data::Ascending(steps) => ascending(steps, size),
         };
         specs.push(TensorSpec { name, shape, ty });
         data.push(bytes);
     }
 
-    let kept = match &spec.kept {
-        Kept::Auto(minus) => {
-            let v: Vec<u64> = specs
-                .iter()
-                .filter(|s| s.name.ends_with(VALUES_SUFFIX))
-                .enumerate()
-                .map(|(i, s)| {
-                    let n: u64 = s.shape.iter().product();
-                    n.saturating_sub(u64::from(*minus.get(i).unwrap_or(&0)))
-                })
-                .collect();
-            Some(Value::Array(Array::U64(v)))
+    let auto: Vec<(String, u64)> = specs
+        .iter()
+        .filter_map(|s| s.name.strip_suffix(VALUES_SUFFIX).map(|b| (b, s)))
+        .enumerate()
+        .map(|(i, (base, s))| {
+            let minus = match &spec.kept {
+                Kept::Auto(m) => u64::from(*m.get(i).unwrap_or(&0)),
+                Kept::Other(_) => 0,
+            };
+            let n: u64 = s.shape.iter().product();
+            (base.to_string(), n.saturating_sub(minus))
+        })
+        .collect();
+    if let Some(steps) = &spec.indices {
+        for (base, k) in &auto {
+            let name = format!("{base}{INDICES_SUFFIX}");
+            if *k > 0 && !specs.iter().any(|s| s.name == name) {
+                data.push(ascending(steps, 4 * k));
+                specs.push(TensorSpec {
+                    name,
+                    shape: vec![*k],
+                    ty: i32_ty,
+                });
+            }
         }
+    }
+    let kept = match &spec.kept {
+        Kept::Auto(_) => Some(Value::Array(Array::U64(
+            auto.iter().map(|(_, k)| *k).collect(),
+        ))),
         Kept::Other(v) => value(v, Value::Array(Array::U64(Vec::new()))),
     };
     if let Some(k) = kept {
