@@ -297,7 +297,7 @@ fn render(spec: &Spec) -> Option<Vec<u8>> {
     Some(file)
 }
 
-/// One file per fuzzing process, rewritten every iteration.
+/// One file per fuzzing process, written and removed every iteration.
 fn scratch() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
@@ -418,4 +418,5 @@ fuzz_target!(|data: &[u8]| {
     if let Ok(pack) = DeltaPack::open(path) {
         check(&pack, base_extra, base_row);
     }
+    let _ = std::fs::remove_file(path);
 });

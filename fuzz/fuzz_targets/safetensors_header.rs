@@ -18,7 +18,8 @@ use ggmerge::format::safetensors::{parse_header, SafetensorsModel};
 use ggmerge::format::source::ModelSource;
 use libfuzzer_sys::fuzz_target;
 
-/// One file per fuzzing process, rewritten every iteration (in /dev/shm where there is one).
+/// One file per fuzzing process, written and removed every iteration (in /dev/shm where there
+/// is one).
 fn scratch() -> &'static Path {
     static PATH: OnceLock<PathBuf> = OnceLock::new();
     PATH.get_or_init(|| {
@@ -87,4 +88,5 @@ fuzz_target!(|data: &[u8]| {
             );
         }
     }
+    let _ = std::fs::remove_file(path);
 });
