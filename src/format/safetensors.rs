@@ -171,13 +171,44 @@ fn last_tensor_end(header: &[u8]) -> Option<(String, u64)> {
         .max_by_key(|(_, e)| *e)
 }
 
+/// A safetensors header validated by [`parse_header`].
+#[derive(Clone, Debug)]
+pub struct StHeader {
+    /// Byte offset of the data section (8 + header length).
+    pub data_start: usize,
+    /// Tensors in data-offset order; their `data_offsets` are relative to `data_start`.
+    pub tensors: Vec<(String, StInfo)>,
+}
+
+/// Validates a whole safetensors file held in `bytes` (as [`SafetensorsModel::open`] does for
+/// each file it maps): length field, cap, header bounds, then the `safetensors` crate's full
+/// validation (UTF-8, JSON, dtypes, contiguous offsets, sizes, data ends at the end of
+/// `bytes`). `path` only names the file in errors. Any input gives `Ok` or an error, never a
+/// panic; every tensor of an `Ok` header lies inside `bytes`.
+pub fn parse_header(bytes: &[u8], path: &Path) -> Result<StHeader> {
+    StFile::parse(bytes, path)
+}
+
 impl StFile {
-    /// Maps and validates one safetensors file: length field, cap, header bounds (as
-    /// ggmerge's own checks, so truncation is reported as such), then the `safetensors` crate's
-    /// full validation (UTF-8, JSON, dtypes, contiguous offsets, sizes, data ends at EOF).
+    /// Maps and validates one safetensors file ([`parse_header`] on its bytes).
     fn open(path: &Path) -> Result<StFile> {
         let map = MappedFile::open(path)?;
-        let bytes = map.bytes();
+        let StHeader {
+            data_start,
+            tensors,
+        } = StFile::parse(map.bytes(), path)?;
+        Ok(StFile {
+            path: path.to_path_buf(),
+            map,
+            data_start,
+            tensors,
+        })
+    }
+
+    /// Validates the bytes of a safetensors file: length field, cap, header bounds (as
+    /// ggmerge's own checks, so truncation is reported as such), then the `safetensors` crate's
+    /// full validation (UTF-8, JSON, dtypes, contiguous offsets, sizes, data ends at EOF).
+    fn parse(bytes: &[u8], path: &Path) -> Result<StHeader> {
         let len = bytes.len() as u64;
         let invalid = |reason: String| FormatError::Safetensors {
             path: path.to_path_buf(),
@@ -213,6 +244,18 @@ impl StFile {
             });
         }
         let header = &bytes[8..(8 + n) as usize];
+        // The `safetensors` crate adds the data size to the header size unchecked (a panic in
+        // builds with overflow checks), so a data end within 8 + n of 2^64 is refused first.
+        if let Some((name, end)) =
+            last_tensor_end(header).filter(|(_, e)| e.checked_add(8 + n).is_none())
+        {
+            return Err(FormatError::DataOutOfBounds {
+                path: path.to_path_buf(),
+                name,
+                end: end.saturating_add(8 + n),
+                file_len: len,
+            });
+        }
         let metadata = match SafeTensors::read_metadata(bytes) {
             Ok((_, m)) => m,
             Err(e) => {
@@ -253,9 +296,7 @@ impl StFile {
                 Some((name, info))
             })
             .collect();
-        Ok(StFile {
-            path: path.to_path_buf(),
-            map,
+        Ok(StHeader {
             data_start: 8 + n as usize,
             tensors,
         })
@@ -1328,5 +1369,26 @@ mod tests {
         );
         assert!(encode(GgmlType::BF16, &[70000.0], &mut out).is_ok());
         assert!(encode(GgmlType::F16, &[f32::INFINITY], &mut out).is_ok());
+    }
+
+    #[test]
+    fn data_end_near_u64_max_is_out_of_bounds() {
+        // Eight contiguous 2^61 - 1 byte tensors end at 2^64 - 8: adding the header size
+        // overflows (the fuzzer's fuzz/artifacts-found/safetensors_header/data-end-overflow).
+        let k = (1u64 << 61) - 1;
+        let entries: Vec<String> = (0..8)
+            .map(|i| {
+                let (s, e) = (i * k, (i + 1) * k);
+                format!(r#""t{i}":{{"dtype":"U8","shape":[{k}],"data_offsets":[{s},{e}]}}"#)
+            })
+            .collect();
+        let json = format!("{{{}}}", entries.join(","));
+        let mut file = (json.len() as u64).to_le_bytes().to_vec();
+        file.extend_from_slice(json.as_bytes());
+        let e = parse_header(&file, Path::new("x")).unwrap_err();
+        assert!(
+            matches!(&e, FormatError::DataOutOfBounds { name, end: u64::MAX, .. } if name == "t7"),
+            "{e}"
+        );
     }
 }
