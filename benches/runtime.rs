@@ -19,9 +19,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use ggmerge::flows::extract::{extract_delta, ExtractOptions};
-use ggmerge::flows::run::{Expert, ExpertSession};
 use ggmerge::format::GgmlType;
 use ggmerge::merge::config::{ConfigSource, MergeConfig, Method, ModelEntry, ParamValue};
+use ggmerge::runtime::{Expert, ExpertSession};
 use ggmerge::runtime::{Model, ModelOptions, SessionOptions};
 use ggmerge::{merge_models, MergeOptions, NoProgress};
 

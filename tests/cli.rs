@@ -97,8 +97,10 @@ fn errors_are_one_line_and_exit_nonzero() {
     ]);
     assert!(!out.status.success());
     let e = text(&out.stderr);
+    // A usage error (clap's: exit 2), listing the types and the nearest one.
+    assert_eq!(out.status.code(), Some(2), "{e}");
     assert!(
-        e.contains("unknown quantization type") && e.contains("Q4_K_M"),
+        e.starts_with("error: invalid value 'Q4_K_X'") && e.contains("Q4_K_M"),
         "{e}"
     );
     assert!(!dir.path().join("x.gguf").exists());

@@ -7,10 +7,11 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use common::experts::make_expert;
-use ggmerge::flows::extract::{extract_delta, ExtractOptions, Sparsify};
+use ggmerge::flows::extract::{extract_delta, ExtractOptions};
 use ggmerge::format::gguf::GgufModel;
 use ggmerge::format::GgmlType;
 use ggmerge::merge::config::{ConfigSource, MergeConfig, Method, ModelEntry, ParamValue};
+use ggmerge::merge::method::Sparsifier;
 use ggmerge::{merge_models, MergeOptions, NoProgress};
 
 fn experts() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
@@ -274,7 +275,7 @@ fn magnitude_packs_store_indices_and_apply() {
     let p = dir.path().join("a-mag.dpk.gguf");
     let o = ExtractOptions {
         density: 0.05,
-        sparsify: Sparsify::Magnitude,
+        sparsifier: Sparsifier::Magnitude,
         values: GgmlType::F32,
         seed: 7,
         ..Default::default()
@@ -305,8 +306,21 @@ fn magnitude_packs_store_indices_and_apply() {
 #[test]
 fn cached_kept_indices_give_the_tensors_apply_writes() {
     use ggmerge::delta::pack::DeltaPack;
-    use ggmerge::flows::merge::{for_each_changed_tensor, plan_merge, plan_merge_with_packs};
+    use ggmerge::format::output::FileFormat;
+    use ggmerge::merge::plan::{plan, MergePlan, PlanOptions};
+    use ggmerge::merge::run::for_each_changed_tensor;
     use std::sync::Arc;
+
+    let plan_with = |cfg: &MergeConfig, packs: &[Arc<DeltaPack>]| -> MergePlan {
+        let inputs = ggmerge::delta::open_inputs(cfg, packs).unwrap();
+        let o = PlanOptions {
+            format: FileFormat::Gguf,
+            out_type: None,
+            seed: None,
+            threads: Some(2),
+        };
+        plan(cfg, inputs, &o).unwrap()
+    };
 
     let (_d, a, b) = experts();
     let dir = common::tempdir();
@@ -317,17 +331,17 @@ fn cached_kept_indices_give_the_tensors_apply_writes() {
     let cfg = merge_cfg(Method::DareTies, &[(&pa, 0.6, None), (&pb, 0.4, None)]);
     let applied = dir.path().join("applied.gguf");
     merge_models(&cfg, &opts(&applied), &NoProgress).unwrap();
-    let collect = |plan| {
+    let collect = |plan: MergePlan| {
         let mut out = Vec::new();
         for_each_changed_tensor(&plan, Some(2), &mut |t, bytes| {
             out.push((t.name.clone(), bytes));
-            Ok(())
+            Ok::<(), ggmerge::merge::MergeError>(())
         })
         .unwrap();
         out
     };
     // Regenerated masks (the runtime's path before caching) …
-    let regenerated = collect(plan_merge(&cfg, &opts(&applied)).unwrap());
+    let regenerated = collect(plan_with(&cfg, &[]));
     // … and cached kept indices give the same bytes, which are the applied file's tensors.
     let base = GgufModel::open(common::smollm2()).unwrap();
     let mut packs = Vec::new();
@@ -337,7 +351,7 @@ fn cached_kept_indices_give_the_tensors_apply_writes() {
         assert_eq!(pack.cache_kept_indices(&base).unwrap(), 4 * kept);
         packs.push(Arc::new(pack));
     }
-    let cached = collect(plan_merge_with_packs(&cfg, &opts(&applied), &packs).unwrap());
+    let cached = collect(plan_with(&cfg, &packs));
     assert_eq!(regenerated.len(), 211);
     assert!(regenerated == cached);
     let file = GgufModel::open(&applied).unwrap();

@@ -53,10 +53,10 @@ use std::time::Instant;
 use common::facts::{self, Domain, Question};
 use common::tiny_model::TinyLlama;
 use ggmerge::flows::extract::{extract_delta, ExtractOptions};
-use ggmerge::flows::run::{Expert, ExpertSession};
 use ggmerge::format::gguf::GgufModel;
 use ggmerge::format::GgmlType;
 use ggmerge::merge::config::Method;
+use ggmerge::runtime::{Expert, ExpertSession};
 use ggmerge::runtime::{Model, ModelOptions, Session, SessionOptions};
 use ggmerge::NoProgress;
 

@@ -228,9 +228,8 @@ fn bad_inputs_are_clear_errors_without_output() {
     let dir = common::tempdir();
     let out = dir.path().join("out.gguf");
     let check = |cfg: MergeConfig, needle: &str| {
-        let err = merge_models(&cfg, &opts(&out, 2), &NoProgress)
-            .expect_err("must fail")
-            .to_string();
+        let err = merge_models(&cfg, &opts(&out, 2), &NoProgress).expect_err("must fail");
+        let err = common::chain(&err);
         assert!(err.contains(needle), "{needle:?} not in {err}");
         assert!(
             std::fs::read_dir(dir.path()).unwrap().next().is_none(),

@@ -8,9 +8,9 @@ use std::sync::OnceLock;
 
 use common::experts::make_expert;
 use ggmerge::flows::extract::{extract_delta, ExtractOptions};
-use ggmerge::flows::run::{Expert, ExpertSession};
 use ggmerge::format::GgmlType;
 use ggmerge::merge::config::{ConfigSource, MergeConfig, Method, ModelEntry, ParamValue};
+use ggmerge::runtime::{Expert, ExpertSession};
 use ggmerge::runtime::{GenerateOptions, Model, ModelOptions, SessionOptions};
 use ggmerge::{merge_models, MergeOptions, NoProgress};
 

@@ -26,11 +26,12 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use anyhow::{anyhow, Context as _, Result};
-use ggmerge::flows::extract::{extract_delta, ExtractOptions, ExtractReport, Sparsify};
-use ggmerge::flows::run::{Expert, ExpertSession};
+use ggmerge::flows::extract::{extract_delta, ExtractOptions, ExtractReport};
 use ggmerge::format::GgmlType;
 use ggmerge::merge::config::{ConfigSource, MergeConfig, Method, ModelEntry, ParamValue, Rescale};
+use ggmerge::merge::method::Sparsifier;
 use ggmerge::quant::mixture::Target;
+use ggmerge::runtime::{Expert, ExpertSession};
 use ggmerge::runtime::{Model, ModelOptions, Session, SessionOptions};
 use ggmerge::{merge_models, quantize_model, MergeOptions, NoProgress, QuantizeOptions};
 use serde_json::json;
@@ -218,7 +219,7 @@ impl Lab {
         base: &Path,
         expert: &Path,
         tag: &str,
-        sparsify: Sparsify,
+        sparsify: Sparsifier,
         density: f64,
         rescale: Rescale,
         seed: u64,
@@ -226,11 +227,7 @@ impl Lab {
     ) -> Result<(PathBuf, Option<ExtractReport>)> {
         let name = format!(
             "{tag}-{}-{density}-{}-s{seed}-{stream}.dpk.gguf",
-            match sparsify {
-                Sparsify::Dare => "dare",
-                Sparsify::Magnitude => "magnitude",
-                Sparsify::Della => "della",
-            },
+            sparsify.name(),
             rescale.name()
         );
         let out = self.work.join(name);
@@ -239,7 +236,7 @@ impl Lab {
         }
         let opts = ExtractOptions {
             density,
-            sparsify,
+            sparsifier: sparsify,
             values: GgmlType::F16,
             seed,
             stream,
@@ -350,7 +347,7 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
                 &base,
                 e,
                 "f32",
-                Sparsify::Dare,
+                Sparsifier::Random,
                 1.0,
                 Rescale::Inverse,
                 0,
@@ -431,8 +428,16 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
                 let mut scores = Vec::new();
                 let mut bytes = None;
                 for &seed in seeds {
-                    let (p, _) =
-                        lab.pack(&base, e, "f32", Sparsify::Dare, d, rescale, seed, i as u32)?;
+                    let (p, _) = lab.pack(
+                        &base,
+                        e,
+                        "f32",
+                        Sparsifier::Random,
+                        d,
+                        rescale,
+                        seed,
+                        i as u32,
+                    )?;
                     bytes = Some(std::fs::metadata(&p)?.len());
                     let mut w = vec![0.0; 2];
                     w[i] = 1.0;
@@ -544,24 +549,24 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
     )?;
     writeln!(md, "|---|---|---|---|---|---|")?;
     let mut merged_json = Vec::new();
-    let methods: [(&str, Sparsify, f64, Method, bool); 5] = [
+    let methods: [(&str, Sparsifier, f64, Method, bool); 5] = [
         (
             "task_arithmetic",
-            Sparsify::Dare,
+            Sparsifier::Random,
             1.0,
             Method::TaskArithmetic,
             false,
         ),
-        ("ties", Sparsify::Magnitude, 0.2, Method::Ties, false),
+        ("ties", Sparsifier::Magnitude, 0.2, Method::Ties, false),
         (
             "dare_linear",
-            Sparsify::Dare,
+            Sparsifier::Random,
             0.1,
             Method::TaskArithmetic,
             true,
         ),
-        ("dare_ties", Sparsify::Dare, 0.1, Method::DareTies, true),
-        ("della", Sparsify::Della, 0.1, Method::DareTies, true),
+        ("dare_ties", Sparsifier::Random, 0.1, Method::DareTies, true),
+        ("della", Sparsifier::Della, 0.1, Method::DareTies, true),
     ];
     for &(label, sparsify, density, method, random) in &methods {
         for &w in pick(&[0.75, 0.5, 1.0]) {
@@ -649,7 +654,7 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
                     &qbase,
                     e,
                     &tag,
-                    Sparsify::Dare,
+                    Sparsifier::Random,
                     1.0,
                     Rescale::Inverse,
                     0,
@@ -686,7 +691,7 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
                                 &qbase,
                                 e,
                                 &tag,
-                                Sparsify::Dare,
+                                Sparsifier::Random,
                                 0.1,
                                 Rescale::Inverse,
                                 seed,
@@ -795,7 +800,7 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
                 &base,
                 e,
                 "f32",
-                Sparsify::Dare,
+                Sparsifier::Random,
                 0.1,
                 Rescale::Inverse,
                 1,

@@ -1,8 +1,87 @@
-//! Every command and option, with its help text, in one place.
+//! Every command and option, with its help text, in one place. Choices (methods, sparsifiers,
+//! rescale rules, types and mixtures) come from the library's tables, so `--help` lists them
+//! and a typo is refused with the list — never from a list typed here.
 
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
+
+use ggmerge::format::ggml_type::{QuantizeSupport, TYPES};
+use ggmerge::format::GgmlType;
+use ggmerge::merge::method::{Method, Rescale, Sparsifier};
+use ggmerge::quant::FTYPES;
+
+/// A parser accepting `methods` by their mergekit names.
+fn methods(methods: &'static [Method]) -> impl TypedValueParser<Value = Method> {
+    PossibleValuesParser::new(methods.iter().map(|m| PossibleValue::new(m.name())))
+        .try_map(|s| Method::from_name(&s).ok_or("unknown method"))
+}
+
+fn all_methods() -> impl TypedValueParser<Value = Method> {
+    methods(&Method::ALL)
+}
+
+fn pack_methods() -> impl TypedValueParser<Value = Method> {
+    methods(&Method::COMBINING_PACKS)
+}
+
+fn pack_sparsifiers() -> impl TypedValueParser<Value = Sparsifier> {
+    let names = ggmerge::flows::extract::PACK_SPARSIFIERS.map(|s| PossibleValue::new(s.name()));
+    PossibleValuesParser::new(names).try_map(|s| Sparsifier::from_name(&s).ok_or("unknown"))
+}
+
+fn rescales() -> impl TypedValueParser<Value = Rescale> {
+    PossibleValuesParser::new(Rescale::ALL.map(|r| PossibleValue::new(r.name())))
+        .try_map(|s| Rescale::from_name(&s).ok_or("unknown rescale"))
+}
+
+/// The value types of a pack.
+fn pack_values() -> impl TypedValueParser<Value = GgmlType> {
+    let types = [GgmlType::F16, GgmlType::BF16, GgmlType::Q8_0, GgmlType::F32];
+    PossibleValuesParser::new(types.map(|t| PossibleValue::new(t.name())))
+        .try_map(|s| GgmlType::from_name(&s).ok_or("unknown type"))
+}
+
+/// ggml types ggmerge can produce (convert's `--type`).
+fn ggml_types() -> impl TypedValueParser<Value = GgmlType> {
+    let names = TYPES
+        .iter()
+        .filter(|t| t.quantize == QuantizeSupport::Yes)
+        .map(|t| PossibleValue::new(t.name));
+    PossibleValuesParser::new(names).try_map(|s| GgmlType::from_name(&s).ok_or("unknown type"))
+}
+
+/// llama.cpp's file types (`llama-quantize` names, with its short aliases).
+fn mixtures() -> PossibleValuesParser {
+    PossibleValuesParser::new(FTYPES.iter().map(|f| {
+        let v = PossibleValue::new(f.name);
+        match ggmerge::quant::mixture::alias_of(f.name) {
+            Some(a) => v.alias(a),
+            None => v,
+        }
+    }))
+}
+
+/// ggml types ggmerge can produce, and llama.cpp's file types (a merge output type).
+fn types_and_mixtures() -> PossibleValuesParser {
+    let mut values: Vec<PossibleValue> = FTYPES
+        .iter()
+        .map(|f| {
+            let v = PossibleValue::new(f.name);
+            match ggmerge::quant::mixture::alias_of(f.name) {
+                Some(a) => v.alias(a),
+                None => v,
+            }
+        })
+        .collect();
+    for t in TYPES.iter().filter(|t| t.quantize == QuantizeSupport::Yes) {
+        if !values.iter().any(|v| v.matches(t.name, true)) {
+            values.push(PossibleValue::new(t.name));
+        }
+    }
+    PossibleValuesParser::new(values)
+}
 
 /// Merge fine-tuned models directly on GGUF (quantized or not), requantize, inspect.
 #[derive(Parser, Debug)]
@@ -21,10 +100,9 @@ pub enum Command {
     Inspect(InspectArgs),
     /// Requantize a GGUF model to a type or llama.cpp mixture (same rules as llama-quantize).
     ///
-    /// TYPE is a llama.cpp file type: F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K,
-    /// Q2_K_S, Q3_K_S, Q3_K_M, Q3_K_L, Q4_K_S, Q4_K_M (alias Q4_K), Q5_K_S, Q5_K_M (alias Q5_K),
-    /// Q6_K, IQ4_NL, IQ4_XS, IQ3_S, IQ3_M, IQ3_XS, TQ1_0, TQ2_0, Q1_0, Q2_0. Mixtures give some
-    /// tensors more bits (attn_v, some ffn_down layers, the output) and fall back to a
+    /// TYPE is a llama.cpp file type (Q4_K means Q4_K_M, as in llama-quantize; those that need
+    /// an importance matrix are refused with an explanation). Mixtures give some tensors more
+    /// bits (attn_v, some ffn_down layers, the output) and fall back to a
     /// compatible type where a row length is not a multiple of the block size (Q4_K → Q5_0,
     /// Q6_K → Q8_0 …); norms and other 1-D tensors keep their type. Use --pure for one type
     /// everywhere. Requantizing an already quantized model compounds the rounding error: start
@@ -104,9 +182,9 @@ pub struct ExpertArgs {
     /// An expert pack and its weight, PATH:WEIGHT (weight 1 when omitted); repeat for each.
     #[arg(long = "expert")]
     pub experts: Vec<String>,
-    /// How expert deltas combine: task_arithmetic, ties, dare_ties, dare_linear.
-    #[arg(long, default_value = "task_arithmetic")]
-    pub method: String,
+    /// How expert deltas combine.
+    #[arg(long, default_value = "task_arithmetic", value_parser = pack_methods())]
+    pub method: Method,
     /// Context size in tokens (0: the model's training context, as in llama.cpp).
     #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
     pub ctx: u32,
@@ -187,20 +265,20 @@ pub struct ExtractArgs {
     #[arg(long, default_value_t = 0.1)]
     pub density: f64,
     /// Sparsifier: dare (random mask, no indices stored), magnitude (top-k), della.
-    #[arg(long, default_value = "dare")]
-    pub sparsify: String,
-    /// Value type: f16, bf16, q8_0, or f32 (exact; needed to reproduce `merge` bit for bit).
-    #[arg(long, default_value = "f16")]
-    pub values: String,
+    #[arg(long, default_value = "dare", value_parser = pack_sparsifiers())]
+    pub sparsify: Sparsifier,
+    /// Value type (f32 is exact; needed to reproduce `merge` bit for bit).
+    #[arg(long, default_value = "f16", value_parser = pack_values(), ignore_case = true)]
+    pub values: GgmlType,
     /// Mask seed.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Mask stream: the model's index among a merge's models, to reproduce that merge.
     #[arg(long, default_value_t = 0)]
     pub stream: u32,
-    /// Rescale of kept values: inverse (÷ density), l1, none.
-    #[arg(long, default_value = "inverse")]
-    pub rescale: String,
+    /// Rescale of kept values: inverse (÷ density), l1 (match the L1 norm), none.
+    #[arg(long, default_value = "inverse", value_parser = rescales())]
+    pub rescale: Rescale,
     /// DELLA: half-width of the keep-probability range.
     #[arg(long, default_value_t = 0.15)]
     pub epsilon: f64,
@@ -222,8 +300,8 @@ pub struct ApplyArgs {
     pub experts: Vec<String>,
     /// How the deltas are combined: task_arithmetic (sum), ties / dare_ties (sign election),
     /// dare_linear.
-    #[arg(long, default_value = "task_arithmetic")]
-    pub method: String,
+    #[arg(long, default_value = "task_arithmetic", value_parser = pack_methods())]
+    pub method: Method,
     /// Scale of the combined delta.
     #[arg(long)]
     pub lambda: Option<f64>,
@@ -237,7 +315,7 @@ pub struct ApplyArgs {
     #[arg(long)]
     pub force: bool,
     /// Output type (default: the base's types); a ggml type or a llama.cpp mixture.
-    #[arg(long = "type")]
+    #[arg(long = "type", value_parser = types_and_mixtures(), ignore_case = true)]
     pub ty: Option<String>,
     /// Threads (default: all cores).
     #[arg(short = 't', long)]
@@ -260,8 +338,8 @@ pub struct ConvertArgs {
     pub force: bool,
     /// Type of matrices: F32, F16 (default for safetensors), BF16; for GGUF output also any
     /// ggml type (Q8_0 …). 1-D tensors are always F32.
-    #[arg(long = "type")]
-    pub ty: Option<String>,
+    #[arg(long = "type", value_parser = ggml_types(), ignore_case = true)]
+    pub ty: Option<GgmlType>,
     /// GGUF output: take metadata and tokenizer from this GGUF (required for safetensors → GGUF).
     #[arg(long)]
     pub metadata_from: Option<PathBuf>,
@@ -315,10 +393,9 @@ pub struct MergeArgs {
     /// DELLA: half-width of the keep-probability range (preceding --model).
     #[arg(long, action = clap::ArgAction::Append)]
     pub epsilon: Vec<f64>,
-    /// Merge method (mergekit names): linear, task_arithmetic, ties, dare_linear, dare_ties,
-    /// breadcrumbs, breadcrumbs_ties, della, della_linear, slerp.
-    #[arg(long, default_value = "dare_ties")]
-    pub method: String,
+    /// Merge method (mergekit's names).
+    #[arg(long, default_value = "dare_ties", value_parser = all_methods())]
+    pub method: Method,
     /// Scale of the merged delta.
     #[arg(long)]
     pub lambda: Option<f64>,
@@ -328,12 +405,13 @@ pub struct MergeArgs {
     /// Divide by the sum of weights (of agreeing models for TIES-style methods). Default: as mergekit per method.
     #[arg(long)]
     pub normalize: Option<bool>,
-    /// Rescale after dropping: inverse (÷ density, the DARE paper), l1 (match the L1 norm, mergekit's rescale: true), none.
-    #[arg(long)]
-    pub rescale: Option<String>,
+    /// Rescale after dropping: inverse (÷ density, the DARE paper), l1 (match the L1 norm,
+    /// mergekit's rescale: true), none.
+    #[arg(long, value_parser = rescales())]
+    pub rescale: Option<Rescale>,
     /// Output type: a ggml type (Q8_0, Q4_K, F16 …) for every weight matrix, or a llama.cpp
     /// mixture (Q4_K_M …). Default: every tensor keeps the base's type.
-    #[arg(long = "type")]
+    #[arg(long = "type", value_parser = types_and_mixtures(), ignore_case = true)]
     pub ty: Option<String>,
     /// Mask seed (DARE/DELLA): same seed, same output.
     #[arg(long)]
@@ -371,7 +449,7 @@ pub struct QuantizeArgs {
     /// Output GGUF file (written to a temporary file, renamed when complete).
     pub output: PathBuf,
     /// Target type or mixture, e.g. Q4_K_M, Q8_0, F16 (case-insensitive).
-    #[arg(value_name = "TYPE")]
+    #[arg(value_name = "TYPE", value_parser = mixtures(), ignore_case = true)]
     pub ty: String,
     /// Threads (default: all cores). Output is byte-identical for any count.
     #[arg(short = 't', long)]

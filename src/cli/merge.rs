@@ -3,9 +3,7 @@
 use anyhow::{bail, Context};
 use clap::ArgMatches;
 
-use ggmerge::merge::config::{
-    ConfigSource, MergeConfig, Method, ModelEntry, ParamValue, Params, Rescale,
-};
+use ggmerge::merge::config::{ConfigSource, MergeConfig, ModelEntry, ParamValue, Params};
 use ggmerge::{merge_models, MergeOptions};
 
 use super::args::MergeArgs;
@@ -24,12 +22,7 @@ fn owners(m: &ArgMatches, id: &str) -> Vec<Option<usize>> {
 }
 
 fn short_form(a: &MergeArgs, m: &ArgMatches) -> anyhow::Result<MergeConfig> {
-    let method = Method::from_name(&a.method).with_context(|| {
-        format!(
-            "unknown merge method {:?}; known: linear, task_arithmetic, ties, dare_linear, dare_ties, breadcrumbs, breadcrumbs_ties, della, della_linear, slerp",
-            a.method
-        )
-    })?;
+    let method = a.method;
     if a.models.is_empty() {
         bail!("no models: give a config file, or --base and one or more --model");
     }
@@ -83,11 +76,8 @@ pub fn run(a: &MergeArgs, m: &ArgMatches) -> anyhow::Result<()> {
         }
         None => short_form(a, m)?,
     };
-    if let Some(r) = &a.rescale {
-        config.rescale_setting = Some(
-            Rescale::from_name(r)
-                .with_context(|| format!("--rescale must be inverse, l1 or none, not {r:?}"))?,
-        );
+    if let Some(r) = a.rescale {
+        config.rescale_setting = Some(r);
     }
     let opts = MergeOptions {
         output: a.output.clone(),
@@ -129,10 +119,7 @@ pub fn parse_expert(s: &str) -> anyhow::Result<(String, f64)> {
 }
 
 pub fn apply(a: &super::args::ApplyArgs) -> anyhow::Result<()> {
-    let method = Method::from_name(&a.method)
-        .filter(|m| matches!(m, Method::TaskArithmetic | Method::Ties | Method::DareTies | Method::DareLinear))
-        .with_context(|| format!("apply combines packs with task_arithmetic, ties, dare_ties or dare_linear, not {:?}", a.method))?;
-    let mut config = MergeConfig::new(method, ConfigSource::Cli);
+    let mut config = MergeConfig::new(a.method, ConfigSource::Cli);
     config.base_model = Some(a.base.display().to_string());
     for e in &a.experts {
         let (path, weight) = parse_expert(e)?;
@@ -159,26 +146,14 @@ pub fn apply(a: &super::args::ApplyArgs) -> anyhow::Result<()> {
 }
 
 pub fn extract(a: &super::args::ExtractArgs) -> anyhow::Result<()> {
-    use ggmerge::flows::extract::{extract_delta, ExtractOptions, Sparsify};
+    use ggmerge::flows::extract::{extract_delta, ExtractOptions};
     let opts = ExtractOptions {
         density: a.density,
-        sparsify: Sparsify::parse(&a.sparsify).with_context(|| {
-            format!(
-                "--sparsify must be dare, magnitude or della, not {:?}",
-                a.sparsify
-            )
-        })?,
-        values: ggmerge::format::GgmlType::from_name(&a.values).with_context(|| {
-            format!(
-                "--values must be f16, bf16, q8_0 or f32, not {:?}",
-                a.values
-            )
-        })?,
+        sparsifier: a.sparsify,
+        values: a.values,
         seed: a.seed,
         stream: a.stream,
-        rescale: Rescale::from_name(&a.rescale).with_context(|| {
-            format!("--rescale must be inverse, l1 or none, not {:?}", a.rescale)
-        })?,
+        rescale: a.rescale,
         epsilon: a.epsilon,
         threads: super::threads(a.threads),
     };

@@ -139,15 +139,8 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         Command::Eval(a) => run::eval(&a),
         Command::Apply(a) => merge::apply(&a),
         Command::Convert(a) => {
-            let out_type = match &a.ty {
-                Some(t) => Some(
-                    ggmerge::format::GgmlType::from_name(t)
-                        .with_context(|| format!("unknown type {t:?} (F32, F16, BF16, Q8_0 …)"))?,
-                ),
-                None => None,
-            };
             let opts = ggmerge::ConvertOptions {
-                out_type,
+                out_type: a.ty,
                 metadata_from: a.metadata_from.clone(),
                 max_shard_bytes: a.shard_mib.map(|m| m << 20),
                 arch: a.arch.clone(),

@@ -193,8 +193,8 @@ pub fn quantize_report(r: &QuantizeReport, output: &Path, target: &Target) {
 pub fn merge_plan(p: &ggmerge::flows::merge::MergePlan) {
     use ggmerge::flows::merge::TensorAction;
     outln!("method:   {} (seed {})", p.method_name, p.seed);
-    outln!("base:     {}", p.reference.path().display());
-    for (i, m) in p.models.iter().enumerate() {
+    outln!("base:     {}", p.reference().path().display());
+    for (i, m) in p.models().iter().enumerate() {
         outln!("model {i}:  {}", m.path().display());
     }
     outln!();

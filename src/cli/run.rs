@@ -4,9 +4,10 @@ use std::io::BufRead;
 
 use anyhow::{bail, Context};
 
-use ggmerge::flows::run::{Expert, ExpertSession};
-use ggmerge::merge::config::Method;
-use ggmerge::runtime::{GenerateOptions, Model, ModelOptions, SessionOptions};
+use ggmerge::merge::method::Method;
+use ggmerge::runtime::{
+    Expert, ExpertSession, GenerateOptions, Model, ModelOptions, SessionOptions,
+};
 
 use super::args::{ChatArgs, EvalArgs, ExpertArgs, PerplexityArgs, RunArgs};
 use super::merge::parse_expert;
@@ -25,19 +26,7 @@ fn session_options(a: &ExpertArgs) -> anyhow::Result<SessionOptions> {
 
 /// Checks every argument, then loads the base: a mistyped option costs nothing.
 fn load(a: &ExpertArgs) -> anyhow::Result<(Model, Vec<Expert>, Vec<f64>, Method)> {
-    let method = Method::from_name(&a.method)
-        .filter(|m| {
-            matches!(
-                m,
-                Method::TaskArithmetic | Method::Ties | Method::DareTies | Method::DareLinear
-            )
-        })
-        .with_context(|| {
-            format!(
-                "--method must be task_arithmetic, ties, dare_ties or dare_linear, not {:?}",
-                a.method
-            )
-        })?;
+    let method = a.method;
     session_options(a)?;
     let mut experts: Vec<Expert> = Vec::new();
     let mut weights = Vec::new();

@@ -6,10 +6,10 @@
 //! | key | type | meaning |
 //! |---|---|---|
 //! | `delta.base.fingerprint` | string | [`fingerprint`] of the base (hex) |
-//! | `delta.method` | string | `dare`, `magnitude` or `della` |
+//! | `delta.method` | string | the [`Sparsifier`]: `dare`, `magnitude` or `della` |
 //! | `delta.density` | f64 | keep fraction |
 //! | `delta.seed`, `delta.stream` | u64, u32 | mask key inputs (Philox masks) |
-//! | `delta.rescale` | string | `inverse`, `l1` or `none` (already applied to the values) |
+//! | `delta.rescale` | string | the [`Rescale`] (`inverse`, `l1`, `none`), already applied |
 //! | `delta.mask` | string | `philox` (regenerated), `explicit` (`NAME.di` indices) or `dense` |
 //! | `delta.values` | string | type of the values: `F32`, `F16`, `BF16` or `Q8_0` |
 //! | `delta.kept` | u64 array | kept values per changed tensor, in tensor order |
@@ -18,6 +18,8 @@
 //! Per changed base tensor `NAME`: `NAME.dv` holds the kept, already-rescaled delta values in
 //! element order (Q8_0 padded with zeros to whole blocks); `NAME.di` (I32) their element
 //! indices for explicit masks. Tensors whose delta is all zero are absent.
+//!
+//! The key names are constants here, shared with the writer ([`crate::delta::write`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -25,12 +27,14 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
-use crate::error::{Error, Result};
+use crate::delta::error::{DeltaError, Result};
 use crate::format::gguf::{GgufModel, TensorRef, Value};
 use crate::format::source::ModelSource;
 use crate::format::GgmlType;
 use crate::merge::engine::{SparseDelta, SparseMask};
+use crate::merge::input::SparseSource;
 use crate::merge::mask::{self, MaskKey};
+use crate::merge::method::{Rescale, Sparsifier};
 
 /// `general.type` of a pack.
 pub const PACK_TYPE: &str = "ggmerge.delta";
@@ -38,6 +42,26 @@ pub const PACK_TYPE: &str = "ggmerge.delta";
 pub const VALUES_SUFFIX: &str = ".dv";
 /// Suffix of a tensor's explicit indices.
 pub const INDICES_SUFFIX: &str = ".di";
+/// Metadata key: the base's [`fingerprint`].
+pub const KEY_BASE_FINGERPRINT: &str = "delta.base.fingerprint";
+/// Metadata key: the base's file name (for messages only).
+pub const KEY_BASE_NAME: &str = "delta.base.name";
+/// Metadata key: the [`Sparsifier`]'s name.
+pub const KEY_METHOD: &str = "delta.method";
+/// Metadata key: the density (f64).
+pub const KEY_DENSITY: &str = "delta.density";
+/// Metadata key: the mask seed (u64).
+pub const KEY_SEED: &str = "delta.seed";
+/// Metadata key: the mask stream (u32).
+pub const KEY_STREAM: &str = "delta.stream";
+/// Metadata key: the [`Rescale`]'s name.
+pub const KEY_RESCALE: &str = "delta.rescale";
+/// Metadata key: the [`MaskKind`]'s name.
+pub const KEY_MASK: &str = "delta.mask";
+/// Metadata key: the values' type name.
+pub const KEY_VALUES: &str = "delta.values";
+/// Metadata key: kept values per changed tensor (u64 array).
+pub const KEY_KEPT: &str = "delta.kept";
 /// Metadata key of the data checksum.
 pub const KEY_CHECKSUM: &str = "delta.checksum";
 /// A pack whose delta, spread over its tensor, is this many times the base weights' RMS or more
@@ -56,6 +80,15 @@ pub enum MaskKind {
 }
 
 impl MaskKind {
+    /// How a pack extracted with `sparsifier` at `density` stores its mask.
+    pub fn of(sparsifier: Sparsifier, density: f64) -> MaskKind {
+        match (sparsifier.mask_is_regenerable(), density >= 1.0) {
+            (_, true) => MaskKind::Dense,
+            (true, false) => MaskKind::Philox,
+            (false, false) => MaskKind::Explicit,
+        }
+    }
+
     /// The `delta.mask` value.
     pub fn name(self) -> &'static str {
         match self {
@@ -78,12 +111,12 @@ pub fn fingerprint(model: &dyn ModelSource) -> Result<String> {
     let hashes: Vec<u64> = names
         .par_iter()
         .map(|name| -> Result<u64> {
-            let t = model.tensor(name)?.ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{}: tensor {name:?} vanished",
-                    model.path().display()
-                ))
-            })?;
+            let t = model
+                .tensor(name)?
+                .ok_or_else(|| crate::merge::MergeError::Vanished {
+                    path: model.path().to_path_buf(),
+                    tensor: name.clone(),
+                })?;
             let mut h = Xxh3::new();
             h.update(name.as_bytes());
             for d in &t.shape {
@@ -120,8 +153,8 @@ pub struct DeltaPack {
     pub checksum: Option<String>,
     /// Base fingerprint.
     pub fingerprint: String,
-    /// `dare`, `magnitude` or `della`.
-    pub method: String,
+    /// How it was sparsified.
+    pub sparsifier: Sparsifier,
     /// Keep fraction.
     pub density: f64,
     /// Mask seed.
@@ -129,7 +162,7 @@ pub struct DeltaPack {
     /// Mask stream.
     pub stream: u32,
     /// Rescale already applied.
-    pub rescale: String,
+    pub rescale: Rescale,
     /// Mask storage.
     pub mask: MaskKind,
     /// Value type.
@@ -141,12 +174,11 @@ pub struct DeltaPack {
     kept_indices: HashMap<String, Vec<u8>>,
 }
 
-fn bad(path: &Path, reason: impl Into<String>) -> Error {
-    Error::Invalid(format!(
-        "{}: not a valid delta pack: {}",
-        path.display(),
-        reason.into()
-    ))
+fn bad(path: &Path, reason: impl Into<String>) -> DeltaError {
+    DeltaError::NotAPack {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
 }
 
 impl DeltaPack {
@@ -176,13 +208,13 @@ impl DeltaPack {
                 .map(str::to_string)
                 .ok_or_else(|| bad(path, format!("missing string key {k}")))
         };
-        if md.get("general.type").and_then(Value::as_str) != Some(PACK_TYPE) {
+        if !DeltaPack::is_pack_file(&file) {
             return Err(bad(
                 path,
                 format!("general.type is not {PACK_TYPE:?} (is this a model, not a pack?)"),
             ));
         }
-        let density = match md.get("delta.density") {
+        let density = match md.get(KEY_DENSITY) {
             Some(Value::F64(d)) => *d,
             Some(Value::F32(d)) => f64::from(*d),
             _ => return Err(bad(path, "missing delta.density")),
@@ -193,9 +225,12 @@ impl DeltaPack {
                 format!("delta.density {density} is outside (0, 1]"),
             ));
         }
-        let mask =
-            MaskKind::parse(&s("delta.mask")?).ok_or_else(|| bad(path, "unknown delta.mask"))?;
-        let values = GgmlType::from_name(&s("delta.values")?)
+        let mask = MaskKind::parse(&s(KEY_MASK)?).ok_or_else(|| bad(path, "unknown delta.mask"))?;
+        let sparsifier = Sparsifier::from_name(&s(KEY_METHOD)?)
+            .ok_or_else(|| bad(path, "unknown delta.method"))?;
+        let rescale = Rescale::from_name(&s(KEY_RESCALE)?)
+            .ok_or_else(|| bad(path, "unknown delta.rescale"))?;
+        let values = GgmlType::from_name(&s(KEY_VALUES)?)
             .filter(|t| {
                 matches!(
                     *t,
@@ -203,7 +238,7 @@ impl DeltaPack {
                 )
             })
             .ok_or_else(|| bad(path, "delta.values must be F32, F16, BF16 or Q8_0"))?;
-        let kept: Vec<u64> = match md.get("delta.kept") {
+        let kept: Vec<u64> = match md.get(KEY_KEPT) {
             Some(Value::Array(crate::format::gguf::Array::U64(v))) => v.clone(),
             _ => return Err(bad(path, "missing delta.kept")),
         };
@@ -277,27 +312,29 @@ impl DeltaPack {
                 }
                 let got = format!("{:016x}", h.digest());
                 if got != want {
-                    return Err(Error::Invalid(format!(
-                        "{}: the pack's data does not match its checksum ({got}, recorded {want}): \
-                         the file is corrupt or was changed after extraction; extract it again",
-                        path.display()
-                    )));
+                    return Err(DeltaError::Checksum {
+                        path: path.to_path_buf(),
+                        got,
+                        recorded: want.to_string(),
+                    });
                 }
                 Some(got)
             }
         };
         Ok(DeltaPack {
             checksum,
-            fingerprint: s("delta.base.fingerprint")?,
-            method: s("delta.method")?,
+            fingerprint: s(KEY_BASE_FINGERPRINT)?,
+            sparsifier,
             density,
             seed: md
-                .get_u64("delta.seed")
+                .get_u64(KEY_SEED)
                 .ok_or_else(|| bad(path, "missing delta.seed"))?,
-            stream: md
-                .get_u64("delta.stream")
-                .ok_or_else(|| bad(path, "missing delta.stream"))? as u32,
-            rescale: s("delta.rescale")?,
+            stream: u32::try_from(
+                md.get_u64(KEY_STREAM)
+                    .ok_or_else(|| bad(path, "missing delta.stream"))?,
+            )
+            .map_err(|_| bad(path, "delta.stream does not fit 32 bits"))?,
+            rescale,
             mask,
             values,
             tensors: names.into_iter().zip(kept).collect(),
@@ -341,13 +378,14 @@ impl DeltaPack {
                     start += len as u64;
                 }
                 if idx.len() as u64 != kept * 4 {
-                    return Err(bad(
-                        &path,
-                        format!(
-                            "tensor {name:?} records {kept} kept values, its mask keeps {}",
+                    return Err(DeltaError::BadTensor {
+                        path: path.clone(),
+                        tensor: name.clone(),
+                        reason: format!(
+                            "records {kept} kept values, its mask keeps {}",
                             idx.len() / 4
                         ),
-                    ));
+                    });
                 }
                 Ok((name.clone(), idx))
             })
@@ -472,18 +510,56 @@ impl DeltaPack {
             .collect())
     }
 
-    /// Refuses a base whose fingerprint differs.
+    /// Refuses a base whose fingerprint differs, and explicit indices beyond the base
+    /// tensor's elements (the mask of a pack made against this base never has them).
     pub fn check_base(&self, base: &dyn ModelSource, base_fingerprint: &str) -> Result<()> {
         if base_fingerprint != self.fingerprint {
-            return Err(Error::Invalid(format!(
-                "{}: this delta pack was extracted against another base (fingerprint {}), not {} (fingerprint {base_fingerprint}); \
-                 apply it to the base it was made from",
-                self.path().display(),
-                self.fingerprint,
-                base.path().display()
-            )));
+            return Err(DeltaError::WrongBase {
+                path: self.path().to_path_buf(),
+                fingerprint: self.fingerprint.clone(),
+                base: base.path().to_path_buf(),
+                base_fingerprint: base_fingerprint.to_string(),
+            });
+        }
+        for (name, _) in &self.tensors {
+            let (Some(t), Some((shape, _))) = (self.tensor(name), base.tensor_info(name)) else {
+                continue;
+            };
+            let elements: u64 = shape.iter().product();
+            // Indices are ascending (checked on open): the last is the largest.
+            let last = t.indices.and_then(|i| {
+                let b = i.data.get(i.data.len().checked_sub(4)?..)?;
+                Some(u64::from(u32::from_le_bytes([b[0], b[1], b[2], b[3]])))
+            });
+            if let Some(last) = last.filter(|&l| l >= elements) {
+                return Err(DeltaError::BadTensor {
+                    path: self.path().to_path_buf(),
+                    tensor: name.clone(),
+                    reason: format!(
+                        "stores a delta for element {last}, but the base tensor has {elements}"
+                    ),
+                });
+            }
         }
         Ok(())
+    }
+}
+
+impl SparseSource for DeltaPack {
+    fn path(&self) -> &Path {
+        DeltaPack::path(self)
+    }
+    fn architecture(&self) -> Option<&str> {
+        DeltaPack::architecture(self)
+    }
+    fn changed_tensors(&self) -> &[(String, u64)] {
+        &self.tensors
+    }
+    fn sparse(&self, name: &str) -> Option<SparseDelta<'_>> {
+        DeltaPack::sparse(self, name)
+    }
+    fn release(&self, name: &str) {
+        DeltaPack::release(self, name);
     }
 }
 

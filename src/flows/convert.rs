@@ -202,18 +202,17 @@ fn gguf_to_safetensors(
         .architecture()
         .unwrap_or("(none)")
         .to_string();
-    let mut config = HfConfig::from_gguf_metadata(model.metadata()).ok_or_else(|| {
-        Error::Invalid(format!(
-            "{}: architecture {arch:?} cannot be converted to safetensors (supported: {})",
-            input.display(),
-            hf_names::SUPPORTED_ARCHS.join(", ")
-        ))
-    })?;
+    let mut config =
+        HfConfig::from_gguf_metadata(model.metadata()).ok_or_else(|| Error::NoHfNames {
+            path: input.to_path_buf(),
+            arch: arch.clone(),
+            supported: hf_names::SUPPORTED_ARCHS.join(", "),
+        })?;
     let out_ty = opts.out_type.unwrap_or(GgmlType::F16);
     if ![GgmlType::F32, GgmlType::F16, GgmlType::BF16].contains(&out_ty) {
-        return Err(Error::Invalid(format!(
-            "safetensors output supports F32, F16 and BF16, not {out_ty}"
-        )));
+        return Err(Error::SafetensorsType {
+            ty: out_ty.to_string(),
+        });
     }
     config.tie_word_embeddings = Some(model.tensor_by_name("output.weight").is_none());
     if let Some(t) = model.tensor_by_name("token_embd.weight") {
@@ -258,7 +257,7 @@ fn gguf_to_safetensors(
     };
     progress.start(total);
     let n = export.len();
-    let result = with_threads(opts.threads, || {
+    let result = with_threads(opts.threads, || -> Result<_> {
         safetensors::write_safetensors(
             &dest.file,
             &config,
@@ -273,12 +272,10 @@ fn gguf_to_safetensors(
                 let (bs, ts) = (t.info.ty.block_size(), t.info.ty.type_size());
                 let a = (first / bs * ts) as usize;
                 let b = a + (buf.len() as u64 / bs * ts) as usize;
-                let bytes = t.data.get(a..b).ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "{}: tensor {:?}: slab {a}..{b} is outside its data",
-                        input.display(),
-                        t.info.name
-                    ))
+                let bytes = t.data.get(a..b).ok_or_else(|| Error::BadTensor {
+                    path: input.to_path_buf(),
+                    tensor: t.info.name.clone(),
+                    reason: format!("slab {a}..{b} is outside its data"),
                 })?;
                 codec::dequantize(t.info.ty, bytes, buf, &t.info.name).map_err(|source| {
                     Error::Tensor {
@@ -347,13 +344,12 @@ fn safetensors_to_gguf(
     progress: &dyn Progress,
 ) -> Result<ConvertReport> {
     let started = Instant::now();
-    let base_path = opts.metadata_from.as_deref().ok_or_else(|| {
-        Error::Invalid(format!(
-            "{}: GGUF output needs metadata and a tokenizer, which safetensors does not carry: \
-             give a GGUF base model to take them from (metadata_from / --metadata-from BASE.gguf)",
-            input.display()
-        ))
-    })?;
+    let base_path = opts
+        .metadata_from
+        .as_deref()
+        .ok_or_else(|| Error::NeedsMetadataFrom {
+            path: input.to_path_buf(),
+        })?;
     let base = GgufModel::open(base_path)?;
     let base_arch = base
         .metadata()
@@ -367,11 +363,12 @@ fn safetensors_to_gguf(
     };
     let arch = model.config().arch.clone();
     if HfConfig::for_arch(&base_arch).map(|c| c.arch) != Some(arch.clone()) {
-        return Err(Error::Invalid(format!(
-            "{} is a {arch} model but the base {} is {base_arch:?}",
-            input.display(),
-            base_path.display()
-        )));
+        return Err(Error::ArchitectureMismatch {
+            path: input.to_path_buf(),
+            arch,
+            base: base_path.to_path_buf(),
+            base_arch,
+        });
     }
 
     // Base order first, then tensors the base does not have.
@@ -387,8 +384,10 @@ fn safetensors_to_gguf(
         .collect();
     names.extend(extra);
 
-    let bad = |name: &str, reason: String| {
-        Error::Invalid(format!("{}: tensor {name:?}: {reason}", input.display()))
+    let bad = |name: &str, reason: String| Error::BadTensor {
+        path: input.to_path_buf(),
+        tensor: name.to_string(),
+        reason,
     };
     let tensor_err = |source: QuantError| Error::Tensor {
         path: input.to_path_buf(),
@@ -445,7 +444,7 @@ fn safetensors_to_gguf(
 
     progress.start(total);
     let n = specs.len();
-    let result = with_threads(opts.threads, || {
+    let result = with_threads(opts.threads, || -> Result<_> {
         for (i, spec) in specs.iter().enumerate() {
             progress.tensor(&spec.name, i, n);
             let t = model

@@ -33,35 +33,37 @@ pub struct Question {
 /// Reads questions from a JSON Lines file (blank lines are skipped); a malformed line is an
 /// error naming the file and the line.
 pub fn read_questions(path: &Path) -> Result<Vec<Question>> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Error::Invalid(format!("{}: cannot read: {e}", path.display())))?;
+    let text = std::fs::read_to_string(path).map_err(|source| crate::format::FormatError::Io {
+        path: path.to_path_buf(),
+        what: "cannot read the questions",
+        source,
+    })?;
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let mut q: Question = serde_json::from_str(line).map_err(|e| {
-            Error::Invalid(format!(
-                "{}:{}: not a {{\"prompt\": …, \"answer\": …}} object: {e}",
-                path.display(),
-                i + 1
-            ))
+        let mut q: Question = serde_json::from_str(line).map_err(|e| Error::Questions {
+            path: path.to_path_buf(),
+            line: i + 1,
+            reason: format!("not a {{\"prompt\": …, \"answer\": …}} object: {e}"),
         })?;
         if q.answer.is_empty() {
-            return Err(Error::Invalid(format!(
-                "{}:{}: the answer is empty",
-                path.display(),
-                i + 1
-            )));
+            return Err(Error::Questions {
+                path: path.to_path_buf(),
+                line: i + 1,
+                reason: "the answer is empty".into(),
+            });
         }
         q.line = i + 1;
         out.push(q);
     }
     if out.is_empty() {
-        return Err(Error::Invalid(format!(
-            "{}: no questions in the file",
-            path.display()
-        )));
+        return Err(Error::Questions {
+            path: path.to_path_buf(),
+            line: 0,
+            reason: "no questions in the file".into(),
+        });
     }
     Ok(out)
 }
@@ -94,13 +96,12 @@ pub fn evaluate(
     progress.start(questions.len() as u64);
     let mut scores = Vec::with_capacity(questions.len());
     for (i, q) in questions.iter().enumerate() {
-        let score = session.score_answer(&q.prompt, &q.answer).map_err(|e| {
-            let at = match q.line {
-                0 => format!("question {}", i + 1),
-                line => format!("line {line}"),
-            };
-            Error::Invalid(format!("{at}: {e}"))
-        })?;
+        let score = session
+            .score_answer(&q.prompt, &q.answer)
+            .map_err(|source| Error::Question {
+                line: if q.line == 0 { i + 1 } else { q.line },
+                source,
+            })?;
         scores.push(score);
         progress.advance(1);
     }

@@ -192,7 +192,7 @@ pub fn inspect(path: impl AsRef<Path>) -> crate::Result<ModelSummary> {
         let p = crate::delta::pack::DeltaPack::open(path.as_ref())?;
         summary.pack = Some(PackSummary {
             base_fingerprint: p.fingerprint.clone(),
-            method: p.method.clone(),
+            method: p.sparsifier.name().into(),
             density: p.density,
             seed: p.seed,
             stream: p.stream,

@@ -1,13 +1,15 @@
-//! The main flows as library functions; the CLI is a thin layer over them.
+//! The main flows as library calls; the CLI is a thin layer over them. Each is a few lines
+//! over the layers below: no merge, pack or runtime logic lives here.
 //!
-//! - [`inspect`](inspect::inspect): summarize a GGUF model.
+//! - [`inspect`](inspect::inspect): summarize a GGUF model or pack.
 //! - [`quantize_model`](quantize::quantize_model): requantize a model to a type or mixture.
 //! - [`convert_model`](convert::convert_model): GGUF ↔ safetensors (HF names and transforms).
 //! - [`extract_delta`](extract::extract_delta): a fine-tune → a sparse delta pack.
-//! - [`merge_models`](merge::merge_models): merge fine-tunes into a base (DARE, TIES, …).
-//! - [`ExpertSession`](run::ExpertSession): a llama.cpp session with delta packs applied in memory.
+//! - [`merge_models`](merge::merge_models): merge fine-tunes (or packs) into a base.
 //! - [`evaluate`](eval::evaluate): greedy exact match and answer log-likelihood on questions.
-//! - [`progress`] — the [`Progress`](progress::Progress) callback and thread-pool helper.
+//! - [`progress`] — the [`Progress`](progress::Progress) callback.
+//!
+//! Experts at run time are [`crate::runtime::ExpertSession`].
 
 pub mod convert;
 pub mod eval;
@@ -16,4 +18,3 @@ pub mod inspect;
 pub mod merge;
 pub mod progress;
 pub mod quantize;
-pub mod run;

@@ -128,12 +128,10 @@ pub fn quantize_model(
             codec::check_dequantize(i.ty, &i.name).map_err(tensor_err)?;
             codec::check_quantize(to, i.row_len(), &i.name).map_err(tensor_err)?;
         }
-        total += nbytes(&i.shape, to).map_err(|e| {
-            Error::Invalid(format!(
-                "{}: tensor {:?}: {to}: {e}",
-                input.display(),
-                i.name
-            ))
+        total += nbytes(&i.shape, to).map_err(|e| Error::BadTensor {
+            path: input.to_path_buf(),
+            tensor: i.name.clone(),
+            reason: format!("{to}: {e}"),
         })?;
         specs.push(TensorSpec {
             name: i.name.clone(),
@@ -149,7 +147,7 @@ pub fn quantize_model(
 
     progress.start(total);
     let n = model.n_tensors();
-    let result = with_threads(opts.threads, || {
+    let result = with_threads(opts.threads, || -> Result<_> {
         let mut outcomes = Vec::with_capacity(n);
         let mut requantized = 0;
         for (idx, (t, &to)) in model.tensors().zip(&plan).enumerate() {

@@ -147,6 +147,8 @@ impl GgmlType {
     pub const IQ1_M: GgmlType = GgmlType(29);
     /// BF16.
     pub const BF16: GgmlType = GgmlType(30);
+    /// I32.
+    pub const I32: GgmlType = GgmlType(26);
     /// TQ1_0.
     pub const TQ1_0: GgmlType = GgmlType(34);
     /// TQ2_0.

@@ -25,6 +25,7 @@
 //! and generates `rope_freqs` for llama-3 rope scaling; those are data, not name mappings
 //! (`rope_freqs` has no HF name and [`gguf_to_hf`] returns `None` for it).
 
+use crate::format::gguf::parse_block_number;
 use std::path::Path;
 
 use serde_json::{json, Map, Value as Json};
@@ -162,14 +163,6 @@ fn has_output(arch: &str) -> bool {
 }
 
 /// `"17"` → 17; rejects empty strings, signs and leading zeros so that names round-trip.
-fn parse_block(s: &str) -> Option<u32> {
-    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0'))
-    {
-        return None;
-    }
-    s.parse().ok()
-}
-
 /// Splits `NAME.weight` / `NAME.bias` into (`NAME`, `weight`/`bias`).
 fn split_suffix(name: &str) -> Option<(&str, &str)> {
     let (module, suffix) = name.rsplit_once('.')?;
@@ -233,7 +226,7 @@ pub fn hf_to_gguf(arch: &str, hf_name: &str) -> Option<String> {
     let (module, suffix) = split_suffix(&name)?;
     if let Some(rest) = module.strip_prefix("model.layers.") {
         let (bid, sub) = rest.split_once('.')?;
-        let bid = parse_block(bid)?;
+        let bid = parse_block_number(bid)?;
         let (_, gguf) = block_modules(arch).find(|(hf, _)| *hf == sub)?;
         return Some(format!("blk.{bid}.{gguf}.{suffix}"));
     }
@@ -258,7 +251,7 @@ pub fn gguf_to_hf(arch: &str, gguf_name: &str) -> Option<String> {
     let (module, suffix) = split_suffix(gguf_name)?;
     if let Some(rest) = module.strip_prefix("blk.") {
         let (bid, sub) = rest.split_once('.')?;
-        let bid = parse_block(bid)?;
+        let bid = parse_block_number(bid)?;
         let (hf, _) = block_modules(arch).find(|(_, g)| *g == sub)?;
         return Some(format!("model.layers.{bid}.{hf}.{suffix}"));
     }

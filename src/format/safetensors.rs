@@ -773,6 +773,12 @@ impl ModelSource for SafetensorsModel {
     fn block_count(&self) -> Option<u64> {
         self.config.n_layers
     }
+    fn files(&self) -> Vec<&Path> {
+        SafetensorsModel::files(self)
+    }
+    fn hf_config(&self) -> Option<&HfConfig> {
+        Some(&self.config)
+    }
 }
 
 /// A tensor of a safetensors file to be written: HF name, HF (row-major, outermost first)

@@ -10,9 +10,10 @@
 use rayon::prelude::*;
 
 use crate::format::GgmlType;
-use crate::merge::kernel::{self, Combine, ModelSparsity, ScaleRule, Sparsifier};
+use crate::merge::kernel::{self, Combine, ModelSparsity, ScaleRule};
 use crate::merge::mask::{self, MaskKey};
 use crate::merge::measure::{self, DeltaMeasure};
+use crate::merge::method::{Kind, MethodSpec, Rescale, Sparsifier};
 use crate::merge::select::{self, HighHistogram, LowHistogram, RankCut};
 use crate::quant::{codec, QuantError};
 
@@ -22,43 +23,6 @@ pub const DEFAULT_CHUNK_ELEMS: usize = 32 * 1024;
 const STEP_SAMPLE_EVERY: usize = 8;
 /// Output bytes per slab handed to the writer.
 pub const SLAB_BYTES: usize = 2 << 20;
-
-/// The shape of a merge method, as the engine sees it.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Kind {
-    /// Weighted sum of the models themselves (no base).
-    Linear,
-    /// Spherical interpolation between the base and one model.
-    Slerp,
-    /// base + λ · combine(sparsify(model − base)).
-    TaskVector,
-}
-
-/// How survivors are rescaled after sparsification.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RescaleMode {
-    /// ÷ density (DARE paper), ÷ keep probability (DELLA); no-op for magnitude sparsifiers.
-    Inverse,
-    /// Match the L1 norm of the delta per tensor (mergekit's `rescale: true`).
-    L1,
-    /// None.
-    None,
-}
-
-/// A method, resolved.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct MethodSpec {
-    /// Shape of the computation.
-    pub kind: Kind,
-    /// Sparsifier of each delta.
-    pub sparsifier: Sparsifier,
-    /// TIES sign election.
-    pub consensus: bool,
-    /// Divide by the sum of (agreeing) weights.
-    pub normalize: bool,
-    /// Rescale rule.
-    pub rescale: RescaleMode,
-}
 
 /// One input tensor's bytes and type.
 #[derive(Clone, Copy)]
@@ -240,12 +204,24 @@ pub enum Culprit {
     Result,
 }
 
+impl std::fmt::Display for Culprit {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Culprit::Base => f.write_str("the base"),
+            Culprit::Model(i) => write!(f, "model {i}"),
+            Culprit::Result => f.write_str("the merged values"),
+        }
+    }
+}
+
 /// An error while merging a tensor, and what caused it.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("{culprit}")]
 pub struct EngineError {
     /// Which input (or the merge's result) the error concerns.
     pub culprit: Culprit,
     /// What failed.
+    #[source]
     pub source: QuantError,
 }
 
@@ -672,45 +648,48 @@ fn rank_cuts(
 /// Merges one tensor; output bytes go to `write` in order, slab by slab (each slab's buffer
 /// is the callee's to keep: chunks are computed straight into it, and it is handed over, not
 /// copied).
-pub fn merge_tensor(
+pub fn merge_tensor<E: std::error::Error + 'static>(
     job: &TensorJob<'_>,
-    write: &mut dyn FnMut(Vec<u8>) -> Result<(), crate::Error>,
-) -> Result<TensorStats, MergeTensorError> {
+    write: &mut dyn FnMut(Vec<u8>) -> Result<(), E>,
+) -> Result<TensorStats, MergeTensorError<E>> {
     merge_slabs(job, None, write)
 }
 
 /// Merges one tensor into `dst`, which must hold exactly the output tensor's bytes: slabs are
 /// computed in place, with no buffer per slab and no copy (for a caller that keeps the whole
 /// tensor anyway).
-pub fn merge_tensor_into(
-    job: &TensorJob<'_>,
-    dst: &mut [u8],
-) -> Result<TensorStats, MergeTensorError> {
+pub fn merge_tensor_into(job: &TensorJob<'_>, dst: &mut [u8]) -> Result<TensorStats, EngineError> {
     let out_ty = match job.output {
         JobOutput::Merged => job.out_ty,
         JobOutput::SparseDelta => GgmlType::F32,
     };
     let want = out_ty.row_bytes(job.n_per_row as u64).unwrap_or(0) as usize * job.n_rows;
     if dst.len() != want {
-        return Err(MergeTensorError::Engine(EngineError {
+        return Err(EngineError {
             culprit: Culprit::Result,
             source: QuantError::SizeMismatch {
                 tensor: job.name.into(),
                 expected: want as u64,
                 found: dst.len() as u64,
             },
-        }));
+        });
     }
-    merge_slabs(job, Some(dst), &mut |_| Ok(()))
+    merge_slabs(job, Some(dst), &mut |_| {
+        Ok::<(), std::convert::Infallible>(())
+    })
+    .map_err(|e| match e {
+        MergeTensorError::Engine(e) => e,
+        MergeTensorError::Write(never) => match never {},
+    })
 }
 
 /// [`merge_tensor`] (slabs handed to `write`) or [`merge_tensor_into`] (slabs are parts of
 /// `dst`).
-fn merge_slabs(
+fn merge_slabs<E: std::error::Error + 'static>(
     job: &TensorJob<'_>,
     mut dst: Option<&mut [u8]>,
-    write: &mut dyn FnMut(Vec<u8>) -> Result<(), crate::Error>,
-) -> Result<TensorStats, MergeTensorError> {
+    write: &mut dyn FnMut(Vec<u8>) -> Result<(), E>,
+) -> Result<TensorStats, MergeTensorError<E>> {
     let chunks = job.chunks();
     let offsets = job.sparse_offsets(&chunks);
     let n = (job.n_per_row * job.n_rows) as u64;
@@ -729,10 +708,10 @@ fn merge_slabs(
             keep_until: RankCut::everything(),
             equal_before_chunk: (0, 0),
             scale: match (spec.rescale, spec.sparsifier) {
-                (RescaleMode::Inverse, Sparsifier::Random) if p.density < 1.0 => {
+                (Rescale::Inverse, Sparsifier::Random) if p.density < 1.0 => {
                     ScaleRule::Factor((1.0 / p.density) as f32)
                 }
-                (RescaleMode::Inverse, Sparsifier::Della) if p.density < 1.0 => {
+                (Rescale::Inverse, Sparsifier::Della) if p.density < 1.0 => {
                     ScaleRule::InverseProbability
                 }
                 _ => ScaleRule::None,
@@ -800,7 +779,7 @@ fn merge_slabs(
     }
 
     // L1 rescale: factor = ‖δ‖₁ / ‖sparsified δ‖₁ per model and tensor.
-    if spec.rescale == RescaleMode::L1 && spec.sparsifier != Sparsifier::None {
+    if spec.rescale == Rescale::L1 && spec.sparsifier != Sparsifier::None {
         let sums = job
             .for_chunks(&chunks, &offsets, |c, _, d| {
                 (0..m)
@@ -1095,13 +1074,15 @@ fn for_each_piece<R>(
     None
 }
 
-/// Why a tensor merge failed.
-#[derive(Debug)]
-pub enum MergeTensorError {
+/// Why a tensor merge failed: the engine, or the caller's `write` (error type `E`).
+#[derive(Debug, thiserror::Error)]
+pub enum MergeTensorError<E: std::error::Error + 'static> {
     /// Reading or computing.
+    #[error(transparent)]
     Engine(EngineError),
     /// Writing the output.
-    Write(crate::Error),
+    #[error(transparent)]
+    Write(E),
 }
 
 /// Element index `j` of a little-endian u32 index array.
@@ -1174,7 +1155,7 @@ mod tests {
         let mut out = Vec::new();
         let st = merge_tensor(job, &mut |b| {
             out.extend_from_slice(&b);
-            Ok(())
+            Ok::<(), std::convert::Infallible>(())
         })
         .map_err(|_| "merge failed")
         .unwrap();
@@ -1238,7 +1219,7 @@ mod tests {
         sparsifier: Sparsifier::Magnitude,
         consensus: true,
         normalize: true,
-        rescale: RescaleMode::None,
+        rescale: Rescale::None,
     };
 
     #[test]
@@ -1278,7 +1259,7 @@ mod tests {
             sparsifier: Sparsifier::Random,
             consensus: false,
             normalize: false,
-            rescale: RescaleMode::Inverse,
+            rescale: Rescale::Inverse,
         };
         let ta = MethodSpec {
             sparsifier: Sparsifier::None,
@@ -1304,7 +1285,7 @@ mod tests {
             sparsifier: Sparsifier::Random,
             consensus: false,
             normalize: false,
-            rescale: RescaleMode::Inverse,
+            rescale: Rescale::Inverse,
         };
         let (out, st) = run(&job(&base, &[&m], vec![p(1.0, 0.1, 0)], dare, 1024));
         let mean = out.iter().map(|&v| f64::from(v)).sum::<f64>() / n as f64;
@@ -1337,7 +1318,7 @@ mod tests {
             sparsifier: Sparsifier::Random,
             consensus: true,
             normalize: true,
-            rescale: RescaleMode::Inverse,
+            rescale: Rescale::Inverse,
         };
         let pool = SlabPool::default();
         pool.give(vec![0xAB; 3 << 20]);
@@ -1355,7 +1336,7 @@ mod tests {
         let st = merge_tensor(&j, &mut |b| {
             streamed.extend_from_slice(&b);
             slabs += 1;
-            Ok(())
+            Ok::<(), std::convert::Infallible>(())
         })
         .map_err(|_| "merge failed")
         .unwrap();
@@ -1403,12 +1384,12 @@ mod tests {
             },
             MethodSpec {
                 sparsifier: Sparsifier::Random,
-                rescale: RescaleMode::L1,
+                rescale: Rescale::L1,
                 ..TIES
             },
             MethodSpec {
                 sparsifier: Sparsifier::Della,
-                rescale: RescaleMode::Inverse,
+                rescale: Rescale::Inverse,
                 ..TIES
             },
         ] {

@@ -6,22 +6,8 @@
 //! runs it — this is what makes merges byte-identical for any thread count and chunk size.
 
 use crate::merge::mask::{self, MaskKey};
+use crate::merge::method::Sparsifier;
 use crate::merge::select::RankCut;
-
-/// How each model's delta is sparsified before combining.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Sparsifier {
-    /// Keep every element.
-    None,
-    /// DARE: keep each element with probability `density` (Philox mask).
-    Random,
-    /// TIES: keep the top `density` fraction by magnitude.
-    Magnitude,
-    /// Breadcrumbs: drop the top `gamma` fraction, keep the next `density` fraction.
-    Outliers,
-    /// DELLA: keep with probability rising with the magnitude rank within the row.
-    Della,
-}
 
 /// How survivors of a sparsifier are rescaled.
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -73,6 +73,11 @@ ftypes! {
 /// `llama-quantize`'s short aliases.
 const ALIASES: &[(&str, &str)] = &[("Q3_K", "Q3_K_M"), ("Q4_K", "Q4_K_M"), ("Q5_K", "Q5_K_M")];
 
+/// The short alias of a mixture name (`Q4_K_M` → `Q4_K`), if it has one.
+pub fn alias_of(mixture: &str) -> Option<&'static str> {
+    ALIASES.iter().find(|(_, m)| *m == mixture).map(|(a, _)| *a)
+}
+
 /// A quantization target: a mixture, optionally `pure` (every quantizable tensor gets the
 /// default type, no per-tensor rules; shape fallbacks still apply), as `llama-quantize --pure`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -98,6 +103,18 @@ impl Target {
                 name: name.into(),
                 known: FTYPES.iter().map(|f| f.name).collect::<Vec<_>>().join(", "),
             })
+    }
+
+    /// An output type as `merge --type` takes it: a plain ggml type name (`Q8_0`, `Q4_K`,
+    /// `F16`) gives every weight matrix that one type (a pure target); any other name is a
+    /// mixture with llama.cpp's per-tensor rules (`Q4_K_M`, `Q3_K_S` …).
+    pub fn parse_type_or_mixture(name: &str) -> Result<Target, QuantError> {
+        if let Some(ty) = GgmlType::from_name(name) {
+            if let Some(ftype) = FTYPES.iter().find(|f| f.default_type == ty) {
+                return Ok(Target { ftype, pure: true });
+            }
+        }
+        Target::parse(name, false)
     }
 
     /// The mixture's name, with ` (pure)` when pure.
@@ -269,10 +286,7 @@ pub fn allows_quantization(name: &str, shape: &[u64]) -> bool {
 
 /// Layer index of `blk.N.*`, or -1 (llama.cpp's `weight_name_comparer`).
 fn layer_of(name: &str) -> i64 {
-    name.strip_prefix("blk.")
-        .and_then(|r| r.split('.').next())
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(-1)
+    crate::format::gguf::block_index(name).map_or(-1, i64::from)
 }
 
 struct State<'f> {

@@ -1,15 +1,19 @@
 //! llama.cpp's process-wide state: `llama_backend_init` (once) and its log sink.
 //!
 //! llama.cpp logs through one global callback. By default ggmerge's sink drops everything but
-//! keeps the last error-level message, which [`take_last_error`] hands to error values (so a
-//! failed load says *why*). With `GGMERGE_LLAMA_LOG=1` in the environment every message is also
-//! written to stderr, as llama.cpp would.
+//! keeps the last error-level message *of the thread that logged it*, which
+//! [`take_last_error`] hands to error values (so a failed load says *why*). llama.cpp logs a
+//! failing call's reasons on the thread that made the call, so with sessions on several
+//! threads (a server) each call reports its own error, never another thread's. With
+//! `GGMERGE_LLAMA_LOG=1` in the environment every message is also written to stderr, as
+//! llama.cpp would.
 
+use std::cell::RefCell;
 use std::ffi::{c_char, c_void, CStr};
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, Once};
+use std::sync::Once;
 
 use llama_cpp_sys_2 as sys;
 
@@ -18,9 +22,11 @@ pub const LOG_ENV: &str = "GGMERGE_LLAMA_LOG";
 
 static INIT: Once = Once::new();
 static PASS_THROUGH: AtomicBool = AtomicBool::new(false);
-/// The last error-level message (with its continuation lines), and whether the previous
-/// message was an error (so `GGML_LOG_LEVEL_CONT` lines can be attached to it).
-static LAST_ERROR: Mutex<(String, bool)> = Mutex::new((String::new(), false));
+thread_local! {
+    /// This thread's last error-level message (with its continuation lines), and whether the
+    /// previous message was an error (so `GGML_LOG_LEVEL_CONT` lines can be attached to it).
+    static LAST_ERROR: RefCell<(String, bool)> = const { RefCell::new((String::new(), false)) };
+}
 
 /// Initialises llama.cpp once per process (`llama_backend_init`) and installs the log sink.
 /// Every entry point of the runtime layer calls this first.
@@ -40,12 +46,10 @@ pub fn init() {
     });
 }
 
-/// Takes (and clears) llama.cpp's last error-level log message; empty when there was none.
+/// Takes (and clears) this thread's last llama.cpp error-level log message; empty when there
+/// was none.
 pub fn take_last_error() -> String {
-    match LAST_ERROR.lock() {
-        Ok(mut g) => std::mem::take(&mut g.0).trim().to_string(),
-        Err(_) => String::new(),
-    }
+    LAST_ERROR.with_borrow_mut(|g| std::mem::take(&mut g.0).trim().to_string())
 }
 
 /// Forgets any earlier error message, so the next [`take_last_error`] reports only what the
@@ -66,11 +70,8 @@ unsafe extern "C" fn log_sink(level: sys::ggml_log_level, text: *const c_char, _
         if PASS_THROUGH.load(Ordering::Relaxed) {
             let _ = std::io::stderr().write_all(bytes);
         }
-        let Ok(mut g) = LAST_ERROR.lock() else {
-            return;
-        };
         let msg = String::from_utf8_lossy(bytes);
-        match level {
+        LAST_ERROR.with_borrow_mut(|g| match level {
             sys::GGML_LOG_LEVEL_ERROR => {
                 g.0 = msg.into_owned();
                 g.1 = true;
@@ -78,6 +79,6 @@ unsafe extern "C" fn log_sink(level: sys::ggml_log_level, text: *const c_char, _
             sys::GGML_LOG_LEVEL_CONT if g.1 => g.0.push_str(&msg),
             sys::GGML_LOG_LEVEL_CONT => {}
             _ => g.1 = false,
-        }
+        });
     }));
 }

@@ -119,6 +119,62 @@ pub enum RuntimeError {
     /// An option is out of range.
     #[error("{0}")]
     Invalid(String),
+    /// Only methods that combine packs can mix experts at run time.
+    #[error("experts at run time combine with task_arithmetic, ties, dare_ties or dare_linear, not {method}")]
+    Method {
+        /// The method asked for.
+        method: &'static str,
+    },
+    /// A mixture names an expert the session does not have.
+    #[error("unknown expert {name:?}; known: {known}")]
+    UnknownExpert {
+        /// The name given.
+        name: String,
+        /// The session's experts.
+        known: String,
+    },
+    /// A mixture names an expert twice.
+    #[error("expert {name} is given twice; give each expert once")]
+    DuplicateExpert {
+        /// The expert.
+        name: String,
+    },
+    /// An expert's weight is not a usable number.
+    #[error(
+        "weight {value:?} of expert {expert} is not a finite number of at most 3.4e38 in magnitude"
+    )]
+    ExpertWeight {
+        /// The expert.
+        expert: String,
+        /// The weight as given.
+        value: String,
+    },
+    /// A mixture entry is not `name=weight`.
+    #[error("{part:?}: write name=weight, e.g. math=1 code=0.3")]
+    MixtureSyntax {
+        /// The entry.
+        part: String,
+    },
+    /// A mixture has another number of weights than the session has experts.
+    #[error("{given} weights for {experts} experts")]
+    WeightCount {
+        /// Weights given.
+        given: usize,
+        /// Experts of the session.
+        experts: usize,
+    },
+    /// Planning or computing a mixture failed.
+    #[error(transparent)]
+    Merge(#[from] crate::merge::MergeError),
+    /// Opening or checking a delta pack failed.
+    #[error(transparent)]
+    Delta(#[from] crate::delta::DeltaError),
+    /// Reading a file failed.
+    #[error(transparent)]
+    Format(#[from] crate::format::FormatError),
+    /// The thread pool could not be made.
+    #[error(transparent)]
+    Threads(#[from] crate::threads::ThreadsError),
 }
 
 fn detail_suffix(detail: &str) -> String {

@@ -1,8 +1,9 @@
 //! The llama.cpp runtime: load a model with llama.cpp's own loader, overwrite its weight tensors
-//! in memory, generate and measure perplexity. The only module with llama.cpp *context* FFI
+//! in memory, generate and measure perplexity, and run a base with expert packs applied at load
+//! time and switched while running ([`experts`]). The only module with llama.cpp *context* FFI
 //! (the ggml quantization FFI is in [`crate::quant::ggml`]); everything here is behind a small
-//! safe API. It knows nothing of delta packs or mixtures: those are computed elsewhere and
-//! arrive here as whole-tensor bytes.
+//! safe API. The top library layer below the flows: it may import every other layer (mixtures
+//! are planned and computed by [`crate::merge`] over packs of [`crate::delta`]), never `flows`.
 //!
 //! - [`Model`] — a GGUF model loaded by `llama_model_load_from_file` without mmap (mmap'd CPU
 //!   weights are read-only), with its vocabulary and chat template. Owns the `llama_model`.
@@ -14,8 +15,10 @@
 //!   [`Session::generate`] ([`generate`]), [`Session::perplexity`] ([`perplexity`], the
 //!   chunking of llama-perplexity), [`Session::score_answer`] ([`answer`]: greedy exact match
 //!   and log-likelihood of a short answer, for knowledge evaluations).
+//! - [`experts`] — [`ExpertSession`]: a session whose weights are the base plus a weighted
+//!   mixture of delta packs, switchable in place, recent mixtures cached.
 //! - [`backend`] — `llama_backend_init` once and the log sink (quiet unless
-//!   `GGMERGE_LLAMA_LOG=1`).
+//!   `GGMERGE_LLAMA_LOG=1`; the last error is kept per thread).
 //! - [`RuntimeError`] — every failure, naming the file, tensor or sizes concerned.
 //!
 //! ```no_run
@@ -33,6 +36,7 @@ pub mod answer;
 pub mod backend;
 mod context;
 pub mod error;
+pub mod experts;
 pub mod generate;
 pub mod model;
 pub mod perplexity;
@@ -41,6 +45,7 @@ pub mod weights;
 
 pub use answer::AnswerScore;
 pub use error::RuntimeError;
+pub use experts::{Expert, ExpertSession, SwitchReport};
 pub use generate::{GenerateOptions, Generation, StopReason};
 pub use model::{ChatMessage, Model, ModelOptions, Token};
 pub use perplexity::Perplexity;

@@ -34,6 +34,23 @@ pub fn is_gguf_file(path: &Path) -> bool {
         && &magic == read::MAGIC
 }
 
+/// The block (layer) number of a GGUF tensor name `blk.N.…`, `None` for tensors outside the
+/// blocks (`token_embd.weight`, `output_norm.weight`) and for malformed numbers. The one
+/// parser of layer indices: merge parameter gradients, llama.cpp's mixture rules and the
+/// Hugging Face name mapping all use it.
+pub fn block_index(name: &str) -> Option<u32> {
+    parse_block_number(name.strip_prefix("blk.")?.split('.').next()?)
+}
+
+/// A block number as llama.cpp writes it: decimal digits, no sign, no leading zero.
+pub fn parse_block_number(s: &str) -> Option<u32> {
+    if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) || (s.len() > 1 && s.starts_with('0'))
+    {
+        return None;
+    }
+    s.parse().ok()
+}
+
 /// Metadata keys of split models (llama.cpp's `gguf-split`).
 pub const KEY_SPLIT_NO: &str = "split.no";
 /// Number of shards.

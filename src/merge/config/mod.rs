@@ -131,8 +131,8 @@ mod tree;
 use std::path::Path;
 use std::str::FromStr;
 
-use crate::merge::method::Sparsifier;
 pub use crate::merge::method::{Method, Rescale};
+use crate::merge::method::{MethodSpec, Sparsifier};
 pub use error::ConfigError;
 pub use param::{FilterRule, ParamValue, Params, TensorContext};
 pub use spec::{della_bounds_ok, number_fits_f32, MAX_NESTING};
@@ -389,6 +389,21 @@ impl MergeConfig {
             (true, ConfigSource::MergekitYaml) => Rescale::L1,
             (true, ConfigSource::NativeToml | ConfigSource::Cli) => Rescale::Inverse,
         }
+    }
+
+    /// The engine's view of the method, with this config's global `normalize` (or the
+    /// method's default) and [`MergeConfig::rescale`].
+    pub fn spec(&self) -> MethodSpec {
+        let ctx = TensorContext {
+            gguf_name: "",
+            hf_name: None,
+            layer: None,
+            n_layers: 1,
+        };
+        let normalize = self
+            .flag(None, "normalize", &ctx)
+            .unwrap_or(self.method.default_normalize());
+        self.method.spec(normalize, self.rescale())
     }
 
     /// Resolves a parameter of model `model` (an index into [`MergeConfig::models`]) for one

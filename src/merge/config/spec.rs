@@ -216,7 +216,7 @@ impl Method {
     }
 
     /// mergekit's default for a parameter of this method, if it has one (`weight` and `t` are
-    /// required; `rescale` is resolved by [`MergeConfig::rescale`]).
+    /// required; `rescale` is resolved by [`MergeConfig::rescale`](super::MergeConfig::rescale)).
     pub fn default_param(self, name: &str) -> Option<ParamValue> {
         if !self.param_names().contains(&name) {
             return None;

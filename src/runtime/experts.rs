@@ -1,9 +1,10 @@
 //! Experts at run time: a base loaded by llama.cpp's own loader, with weighted delta packs
 //! applied to its weight tensors in memory — no merged file — and switchable while running.
 //!
-//! A mixture is computed by the merge engine (the same code as `ggmerge apply`, so the weights
-//! are byte-identical to the offline merge), then written tensor by tensor into the loaded model
-//! ([`Session::set_weight`]). Switching mixtures rewrites the tensors either mixture changes
+//! A mixture is planned and computed by the merge layer ([`crate::merge::plan`],
+//! [`crate::merge::run::for_each_changed_tensor`]: the same code as `ggmerge apply`, so the
+//! weights are byte-identical to the offline merge) over the packs and base this session keeps
+//! open, then written tensor by tensor into the loaded model ([`Session::set_weight`]). Switching mixtures rewrites the tensors either mixture changes
 //! (restoring the base's bytes where the new one changes nothing). Recent mixtures' tensor bytes
 //! are cached within a memory budget, so switching back is a copy, not a recomputation.
 
@@ -13,14 +14,17 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use crate::delta::pack::{fingerprint, DeltaPack};
-use crate::error::{Error, Result};
-use crate::flows::merge::{for_each_changed_tensor, plan_merge_with_packs, MergeOptions};
-use crate::flows::progress::with_threads;
 use crate::format::gguf::GgufModel;
-use crate::merge::config::{
-    number_fits_f32, ConfigSource, MergeConfig, Method, ModelEntry, ParamValue,
-};
+use crate::format::output::FileFormat;
+use crate::format::source::ModelSource;
+use crate::merge::config::{number_fits_f32, ConfigSource, MergeConfig, ModelEntry, ParamValue};
+use crate::merge::input::{Inputs, MergeInput};
+use crate::merge::method::Method;
+use crate::merge::plan::{plan, PlanOptions};
+use crate::merge::run::for_each_changed_tensor;
+use crate::runtime::error::{Result, RuntimeError};
 use crate::runtime::{Model, Session, SessionOptions};
+use crate::threads::with_threads;
 
 /// One expert: a delta pack and its name (the file name without `.dpk.gguf`).
 #[derive(Clone, Debug, PartialEq)]
@@ -65,7 +69,7 @@ type TensorBytes = Arc<Vec<(String, Vec<u8>)>>;
 pub struct ExpertSession<'m> {
     session: Session<'m>,
     base_path: PathBuf,
-    base: GgufModel,
+    base: Arc<GgufModel>,
     experts: Vec<Expert>,
     /// The experts' packs, open for the session, with their kept indices cached.
     packs: Vec<Arc<DeltaPack>>,
@@ -106,7 +110,12 @@ impl<'m> ExpertSession<'m> {
         threads: Option<usize>,
         cache_budget: u64,
     ) -> Result<ExpertSession<'m>> {
-        let base = GgufModel::open(base_path)?;
+        if !method.combines_packs() {
+            return Err(RuntimeError::Method {
+                method: method.name(),
+            });
+        }
+        let base = Arc::new(GgufModel::open(base_path)?);
         // Each pack's mask is generated once, here; every mixture then scatters kept values
         // at cached indices (4 bytes per kept value) instead of regenerating masks.
         let mut packs = Vec::with_capacity(experts.len());
@@ -114,14 +123,14 @@ impl<'m> ExpertSession<'m> {
         let base_fingerprint = if experts.is_empty() {
             String::new()
         } else {
-            fingerprint(&base)?
+            fingerprint(base.as_ref())?
         };
         let mut warnings = Vec::new();
         for e in &experts {
             let mut pack = DeltaPack::open(&e.path)?;
-            pack.check_base(&base, &base_fingerprint)?;
-            warnings.extend(pack.scale_warnings(&base)?);
-            index_bytes += with_threads(threads, || pack.cache_kept_indices(&base))?;
+            pack.check_base(base.as_ref(), &base_fingerprint)?;
+            warnings.extend(pack.scale_warnings(base.as_ref())?);
+            index_bytes += with_threads(threads, || pack.cache_kept_indices(base.as_ref()))?;
             packs.push(Arc::new(pack));
         }
         let mut s = ExpertSession {
@@ -168,30 +177,41 @@ impl<'m> ExpertSession<'m> {
         self.index_bytes
     }
 
-    /// Computes a mixture's changed tensors with the merge engine (the bytes `apply` writes).
+    /// Computes a mixture's changed tensors with the merge engine (the bytes `apply` writes),
+    /// over the base and packs this session keeps open (their kept indices cached, checked
+    /// against the base once when the session opened them).
     fn compute(&self, weights: &[f64]) -> Result<TensorBytes> {
         let mut config = MergeConfig::new(self.method, ConfigSource::Cli);
         config.base_model = Some(self.base_path.display().to_string());
-        for (e, &w) in self.experts.iter().zip(weights) {
+        let mut models = Vec::new();
+        for ((e, &w), pack) in self.experts.iter().zip(weights).zip(&self.packs) {
             if w != 0.0 {
                 let mut entry = ModelEntry::new(e.path.display().to_string());
                 entry.parameters.set("weight", ParamValue::Number(w));
                 config.models.push(entry);
+                models.push(MergeInput::Sparse(pack.clone()));
             }
         }
         if config.models.is_empty() {
             return Ok(Arc::new(Vec::new()));
         }
-        let opts = MergeOptions {
-            output: self.base_path.with_extension("mixture.gguf"),
-            threads: self.threads,
-            ..Default::default()
+        let reference: Arc<dyn ModelSource> = self.base.clone();
+        let inputs = Inputs {
+            reference,
+            models,
+            warnings: Vec::new(),
         };
-        let plan = plan_merge_with_packs(&config, &opts, &self.packs)?;
+        let opts = PlanOptions {
+            format: FileFormat::Gguf,
+            out_type: None,
+            seed: None,
+            threads: self.threads,
+        };
+        let plan = plan(&config, inputs, &opts)?;
         let mut out = Vec::new();
         for_each_changed_tensor(&plan, self.threads, &mut |t, bytes| {
             out.push((t.name.clone(), bytes));
-            Ok(())
+            Ok::<(), RuntimeError>(())
         })?;
         Ok(Arc::new(out))
     }
@@ -201,11 +221,10 @@ impl<'m> ExpertSession<'m> {
     pub fn set_mixture(&mut self, weights: &[f64]) -> Result<SwitchReport> {
         let started = Instant::now();
         if weights.len() != self.experts.len() {
-            return Err(Error::Invalid(format!(
-                "{} weights for {} experts",
-                weights.len(),
-                self.experts.len()
-            )));
+            return Err(RuntimeError::WeightCount {
+                given: weights.len(),
+                experts: self.experts.len(),
+            });
         }
         if let Some((e, w)) = self
             .experts
@@ -213,10 +232,10 @@ impl<'m> ExpertSession<'m> {
             .zip(weights)
             .find(|(_, &w)| !number_fits_f32(w))
         {
-            return Err(Error::Invalid(format!(
-                "weight {w} of expert {} is not a finite number of at most 3.4e38 in magnitude",
-                e.name
-            )));
+            return Err(RuntimeError::ExpertWeight {
+                expert: e.name.clone(),
+                value: format!("{w:?}"),
+            });
         }
         let key = mixture_key(weights);
         let (tensors, cached) = match self.cache.iter().position(|c| c.0 == key) {
@@ -241,12 +260,10 @@ impl<'m> ExpertSession<'m> {
         let new: HashSet<String> = tensors.iter().map(|(n, _)| n.clone()).collect();
         let mut written = 0;
         for name in self.applied.difference(&new) {
-            let t = self.base.tensor_by_name(name).ok_or_else(|| {
-                Error::Invalid(format!(
-                    "{}: has no tensor {name:?}",
-                    self.base_path.display()
-                ))
-            })?;
+            let t = self
+                .base
+                .tensor_by_name(name)
+                .ok_or_else(|| RuntimeError::UnknownTensor { name: name.clone() })?;
             self.session.write_weight(name, t.data)?;
             written += 1;
         }
@@ -269,34 +286,30 @@ impl<'m> ExpertSession<'m> {
         let mut w = vec![0.0; self.experts.len()];
         let mut seen = HashSet::new();
         for part in spec.split_whitespace() {
-            let (name, value) = part.split_once('=').ok_or_else(|| {
-                Error::Invalid(format!("{part:?}: write name=weight, e.g. math=1 code=0.3"))
-            })?;
+            let (name, value) = part
+                .split_once('=')
+                .ok_or_else(|| RuntimeError::MixtureSyntax { part: part.into() })?;
             let i = self
                 .experts
                 .iter()
                 .position(|e| e.name == name)
                 .ok_or_else(|| {
                     let known: Vec<&str> = self.experts.iter().map(|e| e.name.as_str()).collect();
-                    Error::Invalid(format!(
-                        "unknown expert {name:?}; known: {}",
-                        known.join(", ")
-                    ))
+                    RuntimeError::UnknownExpert {
+                        name: name.into(),
+                        known: known.join(", "),
+                    }
                 })?;
             let v: f64 = value
                 .parse()
                 .ok()
                 .filter(|v: &f64| number_fits_f32(*v))
-                .ok_or_else(|| {
-                    Error::Invalid(format!(
-                        "weight {value:?} of {name} is not a finite number of at most 3.4e38 \
-                         in magnitude"
-                    ))
+                .ok_or_else(|| RuntimeError::ExpertWeight {
+                    expert: name.into(),
+                    value: value.into(),
                 })?;
             if !seen.insert(i) {
-                return Err(Error::Invalid(format!(
-                    "expert {name} is given twice; give each expert once"
-                )));
+                return Err(RuntimeError::DuplicateExpert { name: name.into() });
             }
             w[i] = v;
         }
