@@ -214,14 +214,20 @@ pub fn extract(
                 name,
                 n_per_row: b.shape[0] as usize,
                 n_rows: b.shape[1..].iter().product::<u64>() as usize,
-                base: Some(InputTensor {
-                    data: &b.data,
-                    ty: b.ty,
-                }),
-                models: vec![ModelInput::Dense(InputTensor {
-                    data: &f.data,
-                    ty: f.ty,
-                })],
+                base: Some(InputTensor::new(&b.data, b.ty, b.shape[0], name).map_err(
+                    |source| DeltaError::Tensor {
+                        path: base_path.to_path_buf(),
+                        source,
+                    },
+                )?),
+                models: vec![ModelInput::Dense(
+                    InputTensor::new(&f.data, f.ty, f.shape[0], name).map_err(|source| {
+                        DeltaError::Tensor {
+                            path: finetuned.to_path_buf(),
+                            source,
+                        }
+                    })?,
+                )],
                 params: vec![ModelParams {
                     weight: 1.0,
                     density: opts.density,

@@ -115,8 +115,12 @@ impl PackWriter {
         };
         let mut v = values.to_vec();
         v.resize(padded as usize, 0.0);
-        // The row size exists: `padded` is a whole number of blocks of an allowed type.
-        let mut encoded = vec![0u8; ty.row_bytes(padded).unwrap_or(0) as usize];
+        let row =
+            quant::codec::row_size(ty, padded, tensor).map_err(|source| DeltaError::Tensor {
+                path: self.output.clone(),
+                source,
+            })?;
+        let mut encoded = vec![0u8; row];
         quant::quantize(ty, &v, padded, &mut encoded, tensor).map_err(|source| {
             DeltaError::Tensor {
                 path: self.output.clone(),

@@ -238,7 +238,11 @@ fn gguf_to_safetensors(
         } else {
             out_ty
         };
-        total += nbytes(&info.shape, ty).unwrap_or(0);
+        total += nbytes(&info.shape, ty).map_err(|e| Error::BadTensor {
+            path: input.to_path_buf(),
+            tensor: info.name.clone(),
+            reason: format!("{ty}: {e}"),
+        })?;
         export.push(ExportTensor {
             name: info.name.clone(),
             shape: info.shape.clone(),
@@ -451,7 +455,7 @@ fn safetensors_to_gguf(
                 .tensor(&spec.name)?
                 .ok_or_else(|| bad(&spec.name, "disappeared from the model".into()))?;
             let ne0 = spec.shape[0];
-            let src_row = t.ty.row_bytes(ne0).unwrap_or(0) as usize;
+            let src_row = codec::row_size(t.ty, ne0, &spec.name).map_err(tensor_err)?;
             let n_rows: u64 = spec.shape[1..].iter().product();
             let data: Cow<'_, [u8]> = match t.data {
                 // Trimmed embeddings: the first rows.
@@ -467,7 +471,7 @@ fn safetensors_to_gguf(
                     progress.advance(part.len() as u64);
                 }
             } else {
-                let dst_row = spec.ty.row_bytes(ne0).unwrap_or(0) as usize;
+                let dst_row = codec::row_size(spec.ty, ne0, &spec.name).map_err(tensor_err)?;
                 let rows = (SLAB_BYTES / dst_row.max(src_row).max(1)).max(1);
                 let mut out = Vec::new();
                 for slab in data.chunks(rows * src_row.max(1)) {

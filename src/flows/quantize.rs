@@ -212,9 +212,8 @@ fn convert_tensor(
     name: &str,
     progress: &dyn Progress,
 ) -> std::result::Result<(), ConvertError> {
-    // Both row sizes exist: the parser validated `from`, `check_quantize` validated `to`.
-    let src_row = from.row_bytes(n_per_row).unwrap_or(1).max(1) as usize;
-    let dst_row = to.row_bytes(n_per_row).unwrap_or(1).max(1) as usize;
+    let src_row = codec::row_size(from, n_per_row, name).map_err(ConvertError::Quant)?;
+    let dst_row = codec::row_size(to, n_per_row, name).map_err(ConvertError::Quant)?;
     let rows_per_slab = (SLAB_BYTES as usize / dst_row.max(src_row)).max(1);
     let mut out = Vec::new();
     for slab in src.chunks(rows_per_slab * src_row) {

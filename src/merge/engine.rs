@@ -24,13 +24,39 @@ const STEP_SAMPLE_EVERY: usize = 8;
 /// Output bytes per slab handed to the writer.
 pub const SLAB_BYTES: usize = 2 << 20;
 
-/// One input tensor's bytes and type.
+/// One input tensor's bytes and type, with its row size checked.
 #[derive(Clone, Copy)]
 pub struct InputTensor<'a> {
     /// Raw data (only the first `n_rows` rows are used).
     pub data: &'a [u8],
     /// Its type.
     pub ty: GgmlType,
+    /// Bytes per row of `n_per_row` elements.
+    pub row_bytes: usize,
+}
+
+impl<'a> InputTensor<'a> {
+    /// `data` of type `ty` in rows of `n_per_row` elements; an error if a row of that length
+    /// is not a whole number of the type's blocks.
+    pub fn new(
+        data: &'a [u8],
+        ty: GgmlType,
+        n_per_row: u64,
+        tensor: &str,
+    ) -> Result<Self, QuantError> {
+        let row_bytes = ty
+            .row_bytes(n_per_row)
+            .ok_or_else(|| QuantError::CannotQuantize {
+                tensor: tensor.into(),
+                ty,
+                reason: format!("rows of {n_per_row} elements are not whole blocks of {ty}"),
+            })? as usize;
+        Ok(InputTensor {
+            data,
+            ty,
+            row_bytes,
+        })
+    }
 }
 
 /// A model's tensor as the engine reads it: full values, or a sparse delta from a delta pack.
@@ -315,10 +341,58 @@ impl TensorJob<'_> {
             .collect()
     }
 
-    /// The bytes of chunk `c`'s rows of `t`.
+    /// The bytes of chunk `c`'s rows of `t` (in range: checked by [`TensorJob::check`]).
     fn chunk_bytes<'t>(&self, t: &InputTensor<'t>, c: &Chunk) -> &'t [u8] {
-        let row = t.ty.row_bytes(self.n_per_row as u64).unwrap_or(0) as usize;
+        let row = t.row_bytes;
         &t.data[c.row0 * row..(c.row0 + c.rows) * row]
+    }
+
+    /// The output's row size, and a check of every input: its row size is its type's for
+    /// `n_per_row`, and it holds `n_rows` rows. Run once per job, before any chunk.
+    fn check(&self) -> Result<usize, EngineError> {
+        let size_error = |culprit, expected: u64, found: u64| EngineError {
+            culprit,
+            source: QuantError::SizeMismatch {
+                tensor: self.name.into(),
+                expected,
+                found,
+            },
+        };
+        let inputs = self.base.iter().map(|b| (Culprit::Base, b)).chain(
+            self.models.iter().enumerate().filter_map(|(i, m)| match m {
+                ModelInput::Dense(t) => Some((Culprit::Model(i), t)),
+                ModelInput::Sparse(_) => None,
+            }),
+        );
+        for (culprit, t) in inputs {
+            let row = t.ty.row_bytes(self.n_per_row as u64);
+            let need = row.and_then(|r| r.checked_mul(self.n_rows as u64));
+            match need {
+                Some(need) if row == Some(t.row_bytes as u64) && t.data.len() as u64 >= need => {}
+                _ => {
+                    return Err(size_error(
+                        culprit,
+                        need.unwrap_or(u64::MAX),
+                        t.data.len() as u64,
+                    ))
+                }
+            }
+        }
+        let out_ty = match self.output {
+            JobOutput::Merged => self.out_ty,
+            JobOutput::SparseDelta => GgmlType::F32,
+        };
+        out_ty
+            .row_bytes(self.n_per_row as u64)
+            .map(|r| r as usize)
+            .ok_or_else(|| EngineError {
+                culprit: Culprit::Result,
+                source: QuantError::CannotQuantize {
+                    tensor: self.name.into(),
+                    ty: out_ty,
+                    reason: format!("rows of {} elements are not whole blocks", self.n_per_row),
+                },
+            })
     }
 
     /// The error for the non-finite value at `bad` (an index into chunk `c`) of input `input`,
@@ -659,11 +733,7 @@ pub fn merge_tensor<E: std::error::Error + 'static>(
 /// computed in place, with no buffer per slab and no copy (for a caller that keeps the whole
 /// tensor anyway).
 pub fn merge_tensor_into(job: &TensorJob<'_>, dst: &mut [u8]) -> Result<TensorStats, EngineError> {
-    let out_ty = match job.output {
-        JobOutput::Merged => job.out_ty,
-        JobOutput::SparseDelta => GgmlType::F32,
-    };
-    let want = out_ty.row_bytes(job.n_per_row as u64).unwrap_or(0) as usize * job.n_rows;
+    let want = job.check()? * job.n_rows;
     if dst.len() != want {
         return Err(EngineError {
             culprit: Culprit::Result,
@@ -683,19 +753,47 @@ pub fn merge_tensor_into(job: &TensorJob<'_>, dst: &mut [u8]) -> Result<TensorSt
     })
 }
 
-/// [`merge_tensor`] (slabs handed to `write`) or [`merge_tensor_into`] (slabs are parts of
-/// `dst`).
-fn merge_slabs<E: std::error::Error + 'static>(
+/// What the statistics passes found for one tensor, before its main pass: each model's
+/// sparsity (mask key, rank cuts, rescale factor), per-chunk counts of elements equal to the
+/// rank cuts, and SLERP's coefficients.
+struct Prepared {
+    sparsity: Vec<ModelSparsity>,
+    equal_prefix: Vec<Vec<(u64, u64)>>,
+    slerp: (f32, f32),
+}
+
+impl Prepared {
+    /// Model `i`'s sparsity in chunk `c`.
+    fn sparsity_at(&self, i: usize, c: &Chunk) -> ModelSparsity {
+        let mut s = self.sparsity[i].clone();
+        if let Some(&e) = self.equal_prefix[i].get(c.index) {
+            s.equal_before_chunk = e;
+        }
+        s
+    }
+}
+
+/// The sparsifier of model `i`: the method's, except for a model of density 1 or an
+/// already-sparsified input (a pack), which are not sparsified.
+fn sparsifier_of(job: &TensorJob<'_>, i: usize) -> Sparsifier {
+    if job.params[i].density >= 1.0 || matches!(job.models[i], ModelInput::Sparse(_)) {
+        Sparsifier::None
+    } else {
+        job.method.sparsifier
+    }
+}
+
+/// The setup and the statistics passes of one tensor: per-model sparsity, TIES/breadcrumbs
+/// rank cuts (two radix passes each), L1 rescale factors, SLERP's angle.
+fn prepare(
     job: &TensorJob<'_>,
-    mut dst: Option<&mut [u8]>,
-    write: &mut dyn FnMut(Vec<u8>) -> Result<(), E>,
-) -> Result<TensorStats, MergeTensorError<E>> {
-    let chunks = job.chunks();
-    let offsets = job.sparse_offsets(&chunks);
+    chunks: &[Chunk],
+    offsets: &[Vec<u64>],
+) -> Result<Prepared, EngineError> {
     let n = (job.n_per_row * job.n_rows) as u64;
     let m = job.models.len();
     let spec = job.method;
-
+    let sparsifier_of = |i: usize| sparsifier_of(job, i);
     // Per-model sparsity setup: masks, rank cuts, equal-prefix counts, rescale factors.
     let mut sparsity: Vec<ModelSparsity> = job
         .params
@@ -718,15 +816,6 @@ fn merge_slabs<E: std::error::Error + 'static>(
             },
         })
         .collect();
-    // A model whose density is 1 is never sparsified.
-    let sparsifier_of = |i: usize| {
-        if job.params[i].density >= 1.0 || matches!(job.models[i], ModelInput::Sparse(_)) {
-            Sparsifier::None
-        } else {
-            spec.sparsifier
-        }
-    };
-
     // Equal-prefix counts per chunk for the magnitude windows.
     let mut equal_prefix: Vec<Vec<(u64, u64)>> = vec![Vec::new(); m];
     if matches!(
@@ -737,22 +826,19 @@ fn merge_slabs<E: std::error::Error + 'static>(
             let Some((from, until)) = rank_window(sparsifier_of(i), &job.params[i], n) else {
                 continue;
             };
-            let cuts = rank_cuts(job, &chunks, &offsets, i, &[from, until], n)
-                .map_err(MergeTensorError::Engine)?;
+            let cuts = rank_cuts(job, &chunks, &offsets, i, &[from, until], n)?;
             sparsity[i].keep_from = cuts[0];
             sparsity[i].keep_until = cuts[1];
             let (vf, vu) = (cuts[0].value_bits, cuts[1].value_bits);
-            let counts = job
-                .for_chunks(&chunks, &offsets, |_, _, d| {
-                    let mut e = (0u64, 0u64);
-                    for v in &d[i] {
-                        let b = v.abs().to_bits();
-                        e.0 += u64::from(b == vf);
-                        e.1 += u64::from(b == vu);
-                    }
-                    e
-                })
-                .map_err(MergeTensorError::Engine)?;
+            let counts = job.for_chunks(&chunks, &offsets, |_, _, d| {
+                let mut e = (0u64, 0u64);
+                for v in &d[i] {
+                    let b = v.abs().to_bits();
+                    e.0 += u64::from(b == vf);
+                    e.1 += u64::from(b == vu);
+                }
+                e
+            })?;
             let mut acc = (0u64, 0u64);
             equal_prefix[i] = counts
                 .into_iter()
@@ -765,41 +851,32 @@ fn merge_slabs<E: std::error::Error + 'static>(
         }
     }
 
-    fn sparsity_at(
-        sp: &[ModelSparsity],
-        eq: &[Vec<(u64, u64)>],
-        i: usize,
-        c: &Chunk,
-    ) -> ModelSparsity {
-        let mut s = sp[i].clone();
-        if let Some(&e) = eq[i].get(c.index) {
-            s.equal_before_chunk = e;
-        }
-        s
-    }
-
     // L1 rescale: factor = ‖δ‖₁ / ‖sparsified δ‖₁ per model and tensor.
     if spec.rescale == Rescale::L1 && spec.sparsifier != Sparsifier::None {
-        let sums = job
-            .for_chunks(&chunks, &offsets, |c, _, d| {
-                (0..m)
-                    .map(|i| {
-                        let before: f64 = d[i].iter().map(|v| f64::from(v.abs())).sum();
-                        let mut s = sparsity_at(&sparsity, &equal_prefix, i, c);
-                        s.scale = ScaleRule::None;
-                        kernel::sparsify(
-                            sparsifier_of(i),
-                            &s,
-                            (c.row0 * job.n_per_row) as u64,
-                            job.n_per_row,
-                            &mut d[i],
-                        );
-                        let after: f64 = d[i].iter().map(|v| f64::from(v.abs())).sum();
-                        (before, after)
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .map_err(MergeTensorError::Engine)?;
+        let sums = job.for_chunks(&chunks, &offsets, |c, _, d| {
+            (0..m)
+                .map(|i| {
+                    let before: f64 = d[i].iter().map(|v| f64::from(v.abs())).sum();
+                    let mut s = {
+                        let mut s = sparsity[i].clone();
+                        if let Some(&e) = equal_prefix[i].get(c.index) {
+                            s.equal_before_chunk = e;
+                        }
+                        s
+                    };
+                    s.scale = ScaleRule::None;
+                    kernel::sparsify(
+                        sparsifier_of(i),
+                        &s,
+                        (c.row0 * job.n_per_row) as u64,
+                        job.n_per_row,
+                        &mut d[i],
+                    );
+                    let after: f64 = d[i].iter().map(|v| f64::from(v.abs())).sum();
+                    (before, after)
+                })
+                .collect::<Vec<_>>()
+        })?;
         for (i, s) in sparsity.iter_mut().enumerate() {
             let (before, after) = sums
                 .iter()
@@ -815,43 +892,157 @@ fn merge_slabs<E: std::error::Error + 'static>(
     // SLERP: one angle per tensor.
     let mut slerp = (1.0f32, 0.0f32);
     if spec.kind == Kind::Slerp {
-        let parts = job
-            .for_chunks(&chunks, &offsets, |_, base, d| {
-                let (mut dot, mut n0, mut n1) = (0f64, 0f64, 0f64);
-                for (b, dv) in base.iter().zip(&d[0]) {
-                    let x = f64::from(b + dv);
-                    let b = f64::from(*b);
-                    dot += b * x;
-                    n0 += b * b;
-                    n1 += x * x;
-                }
-                (dot, n0, n1)
-            })
-            .map_err(MergeTensorError::Engine)?;
+        let parts = job.for_chunks(&chunks, &offsets, |_, base, d| {
+            let (mut dot, mut n0, mut n1) = (0f64, 0f64, 0f64);
+            for (b, dv) in base.iter().zip(&d[0]) {
+                let x = f64::from(b + dv);
+                let b = f64::from(*b);
+                dot += b * x;
+                n0 += b * b;
+                n1 += x * x;
+            }
+            (dot, n0, n1)
+        })?;
         let (dot, n0, n1) = parts
             .iter()
             .fold((0.0, 0.0, 0.0), |a, p| (a.0 + p.0, a.1 + p.1, a.2 + p.2));
         slerp = kernel::slerp_coefficients(job.t, dot, n0, n1);
     }
 
-    let combine = Combine {
-        consensus: spec.consensus,
-        normalize: spec.normalize,
-        lambda: job.lambda,
+    Ok(Prepared {
+        sparsity,
+        equal_prefix,
+        slerp,
+    })
+}
+
+/// Per-tensor constants of the main pass.
+struct ChunkContext {
+    combine: Combine,
+    weights: Vec<f32>,
+    out_row: usize,
+    /// Block size of a quantized base (for the noise report's step estimate).
+    step_block: Option<usize>,
+    /// Quantization levels of the base's type (step = range / levels).
+    step_levels: f64,
+}
+
+/// The main pass over one chunk: measure the deltas, sparsify, combine (or SLERP), check the
+/// range, and requantize into `bytes` — or copy the base's bytes for rows left unchanged.
+fn merge_chunk(
+    job: &TensorJob<'_>,
+    prep: &Prepared,
+    cx: &ChunkContext,
+    c: &Chunk,
+    bytes: &mut [u8],
+    loaded: Loaded<'_>,
+) -> Result<TensorStats, EngineError> {
+    let m = job.models.len();
+    let spec = job.method;
+    let out_row = cx.out_row;
+    let Loaded {
+        base,
+        deltas: d,
+        measured,
+    } = loaded;
+    let base: &[f32] = base;
+    let len = c.rows * job.n_per_row;
+    let start = (c.row0 * job.n_per_row) as u64;
+    let mut st = TensorStats {
+        zero_deltas: vec![0; m],
+        delta_sumsq: vec![0.0; m],
+        kept: vec![0; m],
+        ..TensorStats::default()
     };
-    let weights: Vec<f32> = job.params.iter().map(|p| p.weight).collect();
-    let out_ty = match job.output {
-        JobOutput::Merged => job.out_ty,
-        JobOutput::SparseDelta => GgmlType::F32,
-    };
-    let out_row = out_ty.row_bytes(job.n_per_row as u64).unwrap_or(0) as usize;
+    if let Some(bs) = cx.step_block.filter(|_| job.measure) {
+        let (range_sumsq, blocks) = measure::block_range_sumsq(base, bs, STEP_SAMPLE_EVERY);
+        st.step_sumsq += range_sumsq / (cx.step_levels * cx.step_levels);
+        st.step_blocks += blocks;
+    }
+    for (i, di) in d.iter().enumerate().filter(|_| job.measure) {
+        (st.zero_deltas[i], st.delta_sumsq[i]) = match &measured[i] {
+            Some(m) => m.totals(),
+            None => measure::zeros_and_sumsq(di),
+        };
+    }
+    SCRATCH.with_borrow_mut(|scratch| {
+        let out = scratch.take(len);
+        let mut in_range = false;
+        if spec.kind == Kind::Slerp {
+            for ((o, b), dv) in out.iter_mut().zip(base).zip(&d[0]) {
+                *o = prep.slerp.0 * b + prep.slerp.1 * (b + dv);
+            }
+        } else {
+            for (i, di) in d.iter_mut().enumerate() {
+                let s = prep.sparsity_at(i, c);
+                let counted = kernel::sparsify(sparsifier_of(job, i), &s, start, job.n_per_row, di);
+                if job.measure {
+                    st.kept[i] = counted.unwrap_or_else(|| measure::nonzeros(di));
+                }
+            }
+            if job.output == JobOutput::SparseDelta {
+                for (b, v) in bytes.chunks_exact_mut(4).zip(&d[0]) {
+                    b.copy_from_slice(&v.to_le_bytes());
+                }
+                return Ok(st);
+            }
+            in_range = kernel::combine(cx.combine, base, d, &cx.weights, out);
+        }
+        if !in_range {
+            // Every input value was checked on loading: the parameters did it.
+            check_merged(out, job.out_ty, job.name, start)?;
+        }
+        // Rows the merge leaves exactly as they were keep the base's own bytes:
+        // requantizing dequantized values is not always the identity (K-quants search
+        // their scales), and an untouched row must not change.
+        if let Some(b) = job.base.filter(|b| b.ty == job.out_ty) {
+            if out
+                .iter()
+                .zip(base)
+                .all(|(o, x)| o.to_bits() == x.to_bits())
+            {
+                bytes.copy_from_slice(&b.data[c.row0 * out_row..(c.row0 + c.rows) * out_row]);
+                return Ok(st);
+            }
+        }
+        codec::quantize_into(job.out_ty, out, job.n_per_row as u64, bytes);
+        if job.measure && !base.is_empty() {
+            (st.retention_num, st.retention_den) = retention(job.out_ty, bytes, out, base);
+        }
+        Ok(st)
+    })
+}
+
+/// [`merge_tensor`] (slabs handed to `write`) or [`merge_tensor_into`] (slabs are parts of
+/// `dst`): the statistics passes ([`prepare`]), then the main pass slab by slab, each slab's
+/// chunks in parallel ([`merge_chunk`]).
+fn merge_slabs<E: std::error::Error + 'static>(
+    job: &TensorJob<'_>,
+    mut dst: Option<&mut [u8]>,
+    write: &mut dyn FnMut(Vec<u8>) -> Result<(), E>,
+) -> Result<TensorStats, MergeTensorError<E>> {
+    let out_row = job.check().map_err(MergeTensorError::Engine)?;
+    let chunks = job.chunks();
+    let offsets = job.sparse_offsets(&chunks);
+    let n = (job.n_per_row * job.n_rows) as u64;
+    let m = job.models.len();
+    let prep = prepare(job, &chunks, &offsets).map_err(MergeTensorError::Engine)?;
     let base_ty = job.base.map(|b| b.ty);
-    let step_block = base_ty
-        .filter(|t| t.is_quantized())
-        .map(|t| t.block_size() as usize);
-    let step_levels = base_ty.map_or(1.0, |t| {
-        (2f64.powf(t.bits_per_weight().round()) - 1.0).max(1.0)
-    });
+    let cx = ChunkContext {
+        combine: Combine {
+            consensus: job.method.consensus,
+            normalize: job.method.normalize,
+            lambda: job.lambda,
+        },
+        weights: job.params.iter().map(|p| p.weight).collect(),
+        out_row,
+        step_block: base_ty
+            .filter(|t| t.is_quantized())
+            .map(|t| t.block_size() as usize),
+        step_levels: base_ty.map_or(1.0, |t| {
+            (2f64.powf(t.bits_per_weight().round()) - 1.0).max(1.0)
+        }),
+    };
 
     let mut stats = TensorStats {
         elements: n,
@@ -891,95 +1082,9 @@ fn merge_slabs<E: std::error::Error + 'static>(
             rest = tail;
         }
         let results = job
-            .for_chunks_with(
-                slab,
-                &offsets,
-                parts,
-                job.measure,
-                |c, bytes: &mut [u8], loaded| -> Result<TensorStats, EngineError> {
-                    let Loaded {
-                        base,
-                        deltas: d,
-                        measured,
-                    } = loaded;
-                    let base: &[f32] = base;
-                    let len = c.rows * job.n_per_row;
-                    let start = (c.row0 * job.n_per_row) as u64;
-                    let mut st = TensorStats {
-                        zero_deltas: vec![0; m],
-                        delta_sumsq: vec![0.0; m],
-                        kept: vec![0; m],
-                        ..TensorStats::default()
-                    };
-                    if let Some(bs) = step_block.filter(|_| job.measure) {
-                        let (range_sumsq, blocks) =
-                            measure::block_range_sumsq(base, bs, STEP_SAMPLE_EVERY);
-                        st.step_sumsq += range_sumsq / (step_levels * step_levels);
-                        st.step_blocks += blocks;
-                    }
-                    for (i, di) in d.iter().enumerate().filter(|_| job.measure) {
-                        (st.zero_deltas[i], st.delta_sumsq[i]) = match &measured[i] {
-                            Some(m) => m.totals(),
-                            None => measure::zeros_and_sumsq(di),
-                        };
-                    }
-                    SCRATCH.with_borrow_mut(|scratch| {
-                        let out = scratch.take(len);
-                        let mut in_range = false;
-                        if spec.kind == Kind::Slerp {
-                            for ((o, b), dv) in out.iter_mut().zip(base).zip(&d[0]) {
-                                *o = slerp.0 * b + slerp.1 * (b + dv);
-                            }
-                        } else {
-                            for (i, di) in d.iter_mut().enumerate() {
-                                let s = sparsity_at(&sparsity, &equal_prefix, i, c);
-                                let counted = kernel::sparsify(
-                                    sparsifier_of(i),
-                                    &s,
-                                    start,
-                                    job.n_per_row,
-                                    di,
-                                );
-                                if job.measure {
-                                    st.kept[i] = counted.unwrap_or_else(|| measure::nonzeros(di));
-                                }
-                            }
-                            if job.output == JobOutput::SparseDelta {
-                                for (b, v) in bytes.chunks_exact_mut(4).zip(&d[0]) {
-                                    b.copy_from_slice(&v.to_le_bytes());
-                                }
-                                return Ok(st);
-                            }
-                            in_range = kernel::combine(combine, base, d, &weights, out);
-                        }
-                        if !in_range {
-                            // Every input value was checked on loading: the parameters did it.
-                            check_merged(out, job.out_ty, job.name, start)?;
-                        }
-                        // Rows the merge leaves exactly as they were keep the base's own bytes:
-                        // requantizing dequantized values is not always the identity (K-quants search
-                        // their scales), and an untouched row must not change.
-                        if let Some(b) = job.base.filter(|b| b.ty == job.out_ty) {
-                            if out
-                                .iter()
-                                .zip(base)
-                                .all(|(o, x)| o.to_bits() == x.to_bits())
-                            {
-                                bytes.copy_from_slice(
-                                    &b.data[c.row0 * out_row..(c.row0 + c.rows) * out_row],
-                                );
-                                return Ok(st);
-                            }
-                        }
-                        codec::quantize_into(job.out_ty, out, job.n_per_row as u64, bytes);
-                        if job.measure && !base.is_empty() {
-                            (st.retention_num, st.retention_den) =
-                                retention(job.out_ty, bytes, out, base);
-                        }
-                        Ok(st)
-                    })
-                },
-            )
+            .for_chunks_with(slab, &offsets, parts, job.measure, |c, bytes, loaded| {
+                merge_chunk(job, &prep, &cx, c, bytes, loaded)
+            })
             .map_err(MergeTensorError::Engine)?;
         for r in results {
             let st = r.map_err(MergeTensorError::Engine)?;
@@ -1177,17 +1282,13 @@ mod tests {
             name: "blk.0.ffn_up.weight",
             n_per_row,
             n_rows: base.len() / 4 / n_per_row,
-            base: Some(InputTensor {
-                data: base,
-                ty: GgmlType::F32,
-            }),
+            base: Some(InputTensor::new(base, GgmlType::F32, n_per_row as u64, "t").unwrap()),
             models: models
                 .iter()
                 .map(|d| {
-                    ModelInput::Dense(InputTensor {
-                        data: d,
-                        ty: GgmlType::F32,
-                    })
+                    ModelInput::Dense(
+                        InputTensor::new(d, GgmlType::F32, n_per_row as u64, "t").unwrap(),
+                    )
                 })
                 .collect(),
             params,

@@ -541,44 +541,50 @@ fn merge_one<'p>(
             MergeInput::Sparse(_) => Ok(None),
         })
         .collect::<Result<_>>()?;
-    let inputs: Vec<ModelInput<'_>> = models
-        .iter()
-        .zip(&dense)
-        .map(|(m, d)| match (m, d) {
-            (_, Some(x)) => ModelInput::Dense(InputTensor {
-                data: &x.data,
-                ty: x.ty,
-            }),
-            (MergeInput::Sparse(p), None) => {
-                ModelInput::Sparse(p.sparse(&t.name).unwrap_or(SparseDelta {
-                    values: &[],
-                    values_ty: GgmlType::F32,
-                    mask: SparseMask::Indices(&[]),
-                }))
-            }
-            // Dense inputs were all read just above.
-            (MergeInput::Model(_), None) => ModelInput::Sparse(SparseDelta {
-                values: &[],
-                values_ty: GgmlType::F32,
-                mask: SparseMask::Indices(&[]),
-            }),
+    let empty = SparseDelta {
+        values: &[],
+        values_ty: GgmlType::F32,
+        mask: SparseMask::Indices(&[]),
+    };
+    let n_per_row = t.n_per_row();
+    fn input<'x>(
+        path: &Path,
+        x: &'x SourceTensor<'_>,
+        n_per_row: u64,
+        name: &str,
+    ) -> Result<InputTensor<'x>> {
+        InputTensor::new(&x.data, x.ty, n_per_row, name).map_err(|source| MergeError::Tensor {
+            path: path.to_path_buf(),
+            source,
         })
-        .collect();
+    }
+    let mut inputs: Vec<ModelInput<'_>> = Vec::with_capacity(models.len());
+    for (m, d) in models.iter().zip(&dense) {
+        inputs.push(match (m, d) {
+            (_, Some(x)) => ModelInput::Dense(input(m.path(), x, n_per_row, &t.name)?),
+            (MergeInput::Sparse(p), None) => ModelInput::Sparse(p.sparse(&t.name).unwrap_or(empty)),
+            // Dense inputs were all read just above.
+            (MergeInput::Model(_), None) => ModelInput::Sparse(empty),
+        });
+    }
+    let base_input = input(plan.reference().path(), base, n_per_row, &t.name)?;
     let linear = plan.method.kind == Kind::Linear;
     // Rows the engine is done with leave the process's resident set (inputs are
-    // memory-mapped): RSS follows the slab being merged, even for a huge embedding. Row sizes
-    // exist: the inputs' types were validated with their shapes when opened.
-    let n_per_row = t.n_per_row();
-    let row_bytes = |ty: GgmlType| ty.row_bytes(n_per_row).unwrap_or(0) as usize;
-    let dense_types: Vec<Option<GgmlType>> =
-        dense.iter().map(|d| d.as_ref().map(|x| x.ty)).collect();
+    // memory-mapped): RSS follows the slab being merged, even for a huge embedding.
+    let dense_rows: Vec<Option<usize>> = inputs
+        .iter()
+        .map(|i| match i {
+            ModelInput::Dense(x) => Some(x.row_bytes),
+            ModelInput::Sparse(_) => None,
+        })
+        .collect();
     let reference = plan.reference();
     let rows_done = |rows: std::ops::Range<usize>| {
-        let bytes = |ty| rows.start * row_bytes(ty)..rows.end * row_bytes(ty);
-        reference.release(&t.name, bytes(base.ty));
-        for (m, ty) in models.iter().zip(&dense_types) {
-            if let (MergeInput::Model(m), Some(ty)) = (m, ty) {
-                m.release(&t.name, bytes(*ty));
+        let bytes = |row: usize| rows.start * row..rows.end * row;
+        reference.release(&t.name, bytes(base_input.row_bytes));
+        for (m, row) in models.iter().zip(&dense_rows) {
+            if let (MergeInput::Model(m), Some(row)) = (m, row) {
+                m.release(&t.name, bytes(*row));
             }
         }
     };
@@ -590,10 +596,7 @@ fn merge_one<'p>(
         name: &t.name,
         n_per_row: n_per_row as usize,
         n_rows: t.n_rows() as usize,
-        base: (!linear).then_some(InputTensor {
-            data: &base.data,
-            ty: base.ty,
-        }),
+        base: (!linear).then_some(base_input),
         models: inputs,
         params: t.params.clone(),
         method: plan.method,

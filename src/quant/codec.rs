@@ -139,6 +139,18 @@ pub fn dequantize(
     Ok(())
 }
 
+/// Bytes of one row of `n_per_row` elements of `ty`; an error naming `tensor` when such a row
+/// is not a whole number of the type's blocks (the one checked row size of this layer).
+pub fn row_size(ty: GgmlType, n_per_row: u64, tensor: &str) -> Result<usize, QuantError> {
+    ty.row_bytes(n_per_row)
+        .map(|r| r as usize)
+        .ok_or_else(|| QuantError::CannotQuantize {
+            tensor: tensor.into(),
+            ty,
+            reason: format!("rows of {n_per_row} elements are not whole blocks of {ty}"),
+        })
+}
+
 /// Quantizes `src` (rows of `n_per_row`) into `dst`, in parallel. Refuses NaN/Inf input.
 pub fn quantize(
     ty: GgmlType,
@@ -148,7 +160,7 @@ pub fn quantize(
     tensor: &str,
 ) -> Result<(), QuantError> {
     check_quantize(ty, n_per_row, tensor)?;
-    let row = ty.row_bytes(n_per_row).unwrap_or(0) as usize;
+    let row = row_size(ty, n_per_row, tensor)?;
     let n_rows = src.len() / n_per_row as usize;
     if !(src.len() as u64).is_multiple_of(n_per_row) || dst.len() != row * n_rows {
         return Err(QuantError::SizeMismatch {
@@ -190,14 +202,8 @@ pub fn convert(
 ) -> Result<(), QuantError> {
     check_dequantize(src_ty, tensor)?;
     check_quantize(dst_ty, n_per_row, tensor)?;
-    let src_row = src_ty
-        .row_bytes(n_per_row)
-        .ok_or_else(|| QuantError::SizeMismatch {
-            tensor: tensor.into(),
-            expected: 0,
-            found: src.len() as u64,
-        })? as usize;
-    let dst_row = dst_ty.row_bytes(n_per_row).unwrap_or(0) as usize;
+    let src_row = row_size(src_ty, n_per_row, tensor)?;
+    let dst_row = row_size(dst_ty, n_per_row, tensor)?;
     let n_rows = src.len() / src_row.max(1);
     if src.len() != n_rows * src_row || dst.len() != n_rows * dst_row {
         return Err(QuantError::SizeMismatch {
