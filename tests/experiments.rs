@@ -4,7 +4,7 @@
 //! seconds.
 //!
 //! The test writes the tiny base and four invented capital-city facts
-//! (`common/facts.rs`, data seed [`DATA_SEED`]), fine-tunes the base on them with
+//! ([`ggmerge::flows::facts`], data seed [`DATA_SEED`]), fine-tunes the base on them with
 //! `examples/finetune.rs` (llama.cpp's training API, one thread, fixed inputs: deterministic),
 //! extracts the fine-tune twice (a dense pack, density 1, and a DARE pack at density
 //! [`DENSITY`]), loads the base once with llama.cpp and applies each pack in memory through an
@@ -50,9 +50,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 
-use common::facts::{self, Domain, Question};
 use common::tiny_model::TinyLlama;
 use ggmerge::flows::extract::{extract_delta, ExtractOptions};
+use ggmerge::flows::facts::{self, Domain, Question};
 use ggmerge::flows::run::{Expert, ExpertSession};
 use ggmerge::format::gguf::GgufModel;
 use ggmerge::format::GgmlType;

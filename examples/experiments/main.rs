@@ -14,10 +14,9 @@
 //!
 //! Every ability is measured with ggmerge's own runtime: the base loaded by llama.cpp, the
 //! expert deltas applied at load time ([`ExpertSession`]), answers scored by greedy decoding
-//! (exact match, [`Session::score_answer`]) and by their log-likelihood.
+//! (exact match, [`Session::score_answer`]) and by their log-likelihood. The datasets are the
+//! library's invented facts ([`ggmerge::flows::facts`]).
 
-#[path = "../../tests/common/facts.rs"]
-mod facts;
 mod plot;
 
 use std::fmt::Write as _;
@@ -27,6 +26,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context as _, Result};
 use ggmerge::flows::extract::{extract_delta, ExtractOptions, ExtractReport, Sparsify};
+use ggmerge::flows::facts;
 use ggmerge::flows::run::{Expert, ExpertSession};
 use ggmerge::format::GgmlType;
 use ggmerge::merge::config::{ConfigSource, MergeConfig, Method, ModelEntry, ParamValue, Rescale};
@@ -90,21 +90,16 @@ fn data(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     for (i, d) in facts::domains(FACTS, DATA_SEED).iter().enumerate() {
         write(
-            &dir.join(format!("{}.train.txt", d.name)),
+            &dir.join(format!("{}.train.txt", d.name())),
             &d.train_text(REPEATS, DATA_SEED + 1 + i as u64),
         )?;
         write(
-            &dir.join(format!("{}.heldout.txt", d.name)),
+            &dir.join(format!("{}.heldout.txt", d.name())),
             &d.heldout_text(),
         )?;
-        let qs: Vec<String> = d
-            .questions()
-            .iter()
-            .map(|q| json!({"prompt": q.prompt, "answer": q.answer}).to_string())
-            .collect();
         write(
-            &dir.join(format!("{}.questions.jsonl", d.name)),
-            &(qs.join("\n") + "\n"),
+            &dir.join(format!("{}.questions.jsonl", d.name())),
+            &d.questions_jsonl(),
         )?;
     }
     Ok(())
@@ -339,7 +334,7 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
     let mut md = String::new();
     let base = lab.base.clone();
     let model = Model::load(&base, &ModelOptions::default())?;
-    let names = [lab.domains[0].name, lab.domains[1].name];
+    let names = [lab.domains[0].name(), lab.domains[1].name()];
 
     // 0. Baselines: the base and each expert alone (density-1 packs: the exact fine-tune).
     let t = Instant::now();

@@ -7,11 +7,14 @@
 //! - [`merge_models`](merge::merge_models): merge fine-tunes into a base (DARE, TIES, …).
 //! - [`ExpertSession`](run::ExpertSession): a llama.cpp session with delta packs applied in memory.
 //! - [`evaluate`](eval::evaluate): greedy exact match and answer log-likelihood on questions.
+//! - [`facts`]: invented-fact datasets (training text, questions, held-out phrasing) for
+//!   knowledge experts.
 //! - [`progress`] — the [`Progress`](progress::Progress) callback and thread-pool helper.
 
 pub mod convert;
 pub mod eval;
 pub mod extract;
+pub mod facts;
 pub mod inspect;
 pub mod merge;
 pub mod progress;
