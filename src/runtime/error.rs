@@ -119,6 +119,9 @@ pub enum RuntimeError {
     /// An option is out of range.
     #[error("{0}")]
     Invalid(String),
+    /// Training failed ([`crate::runtime::train`]).
+    #[error(transparent)]
+    Train(Box<crate::runtime::train::TrainError>),
 }
 
 fn detail_suffix(detail: &str) -> String {

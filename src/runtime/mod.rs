@@ -1,8 +1,8 @@
 //! The llama.cpp runtime: load a model with llama.cpp's own loader, overwrite its weight tensors
-//! in memory, generate and measure perplexity. The only module with llama.cpp *context* FFI
-//! (the ggml quantization FFI is in [`crate::quant::ggml`]); everything here is behind a small
-//! safe API. It knows nothing of delta packs or mixtures: those are computed elsewhere and
-//! arrive here as whole-tensor bytes.
+//! in memory, generate, measure perplexity and fine-tune. The only module with llama.cpp
+//! *context* FFI (the ggml quantization FFI is in [`crate::quant::ggml`]); everything here is
+//! behind a small safe API. It knows nothing of delta packs or mixtures: those are computed
+//! elsewhere and arrive here as whole-tensor bytes.
 //!
 //! - [`Model`] — a GGUF model loaded by `llama_model_load_from_file` without mmap (mmap'd CPU
 //!   weights are read-only), with its vocabulary and chat template. Owns the `llama_model`.
@@ -14,6 +14,9 @@
 //!   [`Session::generate`] ([`generate`]), [`Session::perplexity`] ([`perplexity`], the
 //!   chunking of llama-perplexity), [`Session::score_answer`] ([`answer`]: greedy exact match
 //!   and log-likelihood of a short answer, for knowledge evaluations).
+//! - [`train`] — full fine-tuning of a loaded model with llama.cpp's training API (AdamW):
+//!   [`train::train`] with [`TrainOptions`], progress as [`TrainEvent`]s, a [`TrainReport`]
+//!   of loss and accuracy per epoch; [`train::save`].
 //! - [`backend`] — `llama_backend_init` once and the log sink (quiet unless
 //!   `GGMERGE_LLAMA_LOG=1`).
 //! - [`RuntimeError`] — every failure, naming the file, tensor or sizes concerned.
@@ -37,6 +40,7 @@ pub mod generate;
 pub mod model;
 pub mod perplexity;
 pub mod session;
+pub mod train;
 pub mod weights;
 
 pub use answer::AnswerScore;
@@ -45,4 +49,5 @@ pub use generate::{GenerateOptions, Generation, StopReason};
 pub use model::{ChatMessage, Model, ModelOptions, Token};
 pub use perplexity::Perplexity;
 pub use session::{Session, SessionOptions};
+pub use train::{TrainError, TrainEvent, TrainOptions, TrainReport};
 pub use weights::{WeightMap, WeightTensor};
