@@ -7,6 +7,8 @@
 //! - [`merge_models`](merge::merge_models): merge fine-tunes into a base (DARE, TIES, …).
 //! - [`ExpertSession`](run::ExpertSession): a llama.cpp session with delta packs applied in memory.
 //! - [`evaluate`](eval::evaluate): greedy exact match and answer log-likelihood on questions.
+//! - [`finetune`](finetune::finetune): full fine-tuning of an F32 GGUF model on a text
+//!   (llama.cpp's training API), written homologous to its base.
 //! - [`facts`]: invented-fact datasets (training text, questions, held-out phrasing) for
 //!   knowledge experts.
 //! - [`progress`] — the [`Progress`](progress::Progress) callback and thread-pool helper.
@@ -15,6 +17,7 @@ pub mod convert;
 pub mod eval;
 pub mod extract;
 pub mod facts;
+pub mod finetune;
 pub mod inspect;
 pub mod merge;
 pub mod progress;
