@@ -2,7 +2,7 @@
 # Issue 5's experiments, end to end (see docs/results.md): builds ggmerge, makes the F32 base
 # (SmolLM2-135M-Instruct, the Q4_1 fixture dequantized), writes the invented-fact datasets,
 # fine-tunes one knowledge expert per domain with llama.cpp's training API
-# (examples/finetune.rs), then runs every experiment and writes docs/results.md and its plots.
+# (`ggmerge finetune`), then runs every experiment and writes docs/results.md and its plots.
 #
 # Experts and intermediate files live in $GGMERGE_EXPERIMENTS (default
 # ~/.cache/ggmerge-experiments), outside the repository; experts are recreated only when
@@ -16,7 +16,7 @@ mkdir -p "$work"
 scripts/setup.sh
 [ -f /usr/share/fonts/truetype/dejavu/DejaVuSans.ttf ] || { export DEBIAN_FRONTEND=noninteractive; apt-get update -qq; apt-get install -y -qq fonts-dejavu-core >/dev/null; }
 models=$(scripts/fetch-models.sh)
-cargo build --release --quiet --bins --example finetune --example experiments
+cargo build --release --quiet --bins --example experiments
 ggmerge=target/release/ggmerge
 log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
 
@@ -38,7 +38,7 @@ finetune() {
   [ -f "$expert" ] && return 0
   log "fine-tuning the $domain expert (lr $LR, $EPOCHS epochs, ctx $CTX, 1 thread)"
   start=$(date +%s)
-  target/release/examples/finetune --base "$base" --data "$work/data/$domain.train.txt" \
+  "$ggmerge" finetune --base "$base" --data "$work/data/$domain.train.txt" \
     -o "$expert.partial" --lr "$LR" --epochs "$EPOCHS" --ctx "$CTX" --stride "$CTX" \
     --val-split 0 -t 1 >"$work/finetune-$domain.log" 2>&1 || {
     tail -20 "$work/finetune-$domain.log" >&2

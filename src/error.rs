@@ -87,6 +87,14 @@ pub enum Error {
         /// What is wrong.
         reason: String,
     },
+    /// A training text is not UTF-8.
+    #[error("{}: the training text is not UTF-8 (byte {offset})", path.display())]
+    TrainingText {
+        /// The file.
+        path: PathBuf,
+        /// The first byte that is not valid UTF-8.
+        offset: usize,
+    },
     /// A line of a question file is not a question.
     #[error("{}:{line}: {reason}", path.display())]
     Questions {

@@ -4,9 +4,10 @@
 //! seconds.
 //!
 //! The test writes the tiny base and four invented capital-city facts
-//! (`common/facts.rs`, data seed [`DATA_SEED`]), fine-tunes the base on them with
-//! `examples/finetune.rs` (llama.cpp's training API, one thread, fixed inputs: deterministic),
-//! extracts the fine-tune twice (a dense pack, density 1, and a DARE pack at density
+//! ([`ggmerge::flows::facts`], data seed [`DATA_SEED`]), fine-tunes the base on them with
+//! [`finetune`] (`ggmerge finetune`'s flow: llama.cpp's training API, one thread, fixed
+//! inputs: deterministic), extracts the fine-tune twice (a dense pack, density 1, and a DARE
+//! pack at density
 //! [`DENSITY`]), loads the base once with llama.cpp and applies each pack in memory through an
 //! [`ExpertSession`], then scores every question with [`Session::score_answer`] and measures the
 //! perplexity of held-out sentences stating the same facts in a phrasing never trained on.
@@ -46,16 +47,16 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 
-use common::facts::{self, Domain, Question};
 use common::tiny_model::TinyLlama;
 use ggmerge::flows::extract::{extract_delta, ExtractOptions};
+use ggmerge::flows::facts::{self, Domain, Question};
+use ggmerge::flows::finetune::finetune;
 use ggmerge::format::gguf::GgufModel;
 use ggmerge::format::GgmlType;
 use ggmerge::merge::config::Method;
+use ggmerge::runtime::train::{TrainEvent, TrainOptions};
 use ggmerge::runtime::{Expert, ExpertSession};
 use ggmerge::runtime::{Model, ModelOptions, Session, SessionOptions};
 use ggmerge::NoProgress;
@@ -67,50 +68,11 @@ const FACTS: usize = 4;
 /// Times every phrasing of every fact appears in the training text.
 const REPEATS: usize = 8;
 /// AdamW learning rate: a random model needs far more than a pretrained one (5e-5).
-const LR: &str = "3e-3";
+const LR: f32 = 3e-3;
 /// Passes over the training windows.
-const EPOCHS: &str = "3";
+const EPOCHS: usize = 3;
 /// Keep fraction of the DARE pack.
 const DENSITY: f64 = 0.5;
-
-/// `examples/finetune`, built next to this test's executable (`cargo build` is a no-op when
-/// it is up to date, and rebuilds it when `examples/finetune.rs` changed).
-fn finetune_binary() -> PathBuf {
-    let exe = std::env::current_exe().expect("test executable");
-    // <target>/<profile>/deps/experiments-HASH → <target>/<profile>/examples/finetune
-    let profile_dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("the test executable lies in <target>/<profile>/deps");
-    let bin = profile_dir
-        .join("examples")
-        .join(format!("finetune{}", std::env::consts::EXE_SUFFIX));
-    // The profile this test was built with ("debug" is the dev profile's directory).
-    let profile = profile_dir
-        .file_name()
-        .and_then(|n| n.to_str())
-        .map_or("release", |n| if n == "debug" { "dev" } else { n });
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(&cargo)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .args([
-            "build",
-            "--quiet",
-            "--profile",
-            profile,
-            "--example",
-            "finetune",
-        ])
-        .status();
-    match status {
-        Ok(s) if s.success() => {}
-        // Without a working cargo, an already built binary will do.
-        _ if bin.is_file() => eprintln!("`{cargo} build --example finetune` failed: using {bin:?}"),
-        other => panic!("cannot build the finetune example with {cargo}: {other:?}"),
-    }
-    assert!(bin.is_file(), "{} was not built", bin.display());
-    bin
-}
 
 /// How one mixture does on the domain.
 #[derive(Debug, Clone, PartialEq)]
@@ -172,31 +134,36 @@ fn tiny_expert_beats_its_base_through_the_whole_pipeline() {
     let data = dir.path().join("capitals.train.txt");
     std::fs::write(&data, domain.train_text(REPEATS, DATA_SEED)).unwrap();
 
-    // Fine-tune.
-    let bin = finetune_binary();
+    // Fine-tune: windows of 256 tokens without overlap, nothing held out, one thread.
     let t_ft = Instant::now();
     let tuned = dir.path().join("capitals.gguf");
-    let out = Command::new(&bin)
-        .arg("--base")
-        .arg(&base)
-        .arg("--data")
-        .arg(&data)
-        .arg("-o")
-        .arg(&tuned)
-        .args([
-            "--lr", LR, "--epochs", EPOCHS, "--ctx", "256", "--stride", "256",
-        ])
-        .args(["--val-split", "0", "-t", "1"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("finetune ({:.1?}):\n{stdout}", t_ft.elapsed());
-    assert!(
-        out.status.success(),
-        "finetune failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(stdout.contains("20 of 21 tensors changed"), "{stdout}");
+    let opts = TrainOptions {
+        lr: LR,
+        epochs: EPOCHS,
+        n_ctx: 256,
+        stride: Some(256),
+        val_split: 0.0,
+        threads: Some(1),
+        ..Default::default()
+    };
+    let (mut steps, mut epochs) = (0, 0);
+    let r = finetune(&base, &data, &tuned, &opts, &mut |e| match e {
+        TrainEvent::Step(_) => steps += 1,
+        TrainEvent::Epoch(e) => {
+            epochs += 1;
+            eprintln!("{e:?}");
+        }
+        TrainEvent::Start(p) => eprintln!("{p:?}"),
+    })
+    .unwrap();
+    eprintln!("finetune ({:.1?}): {r:?}", t_ft.elapsed());
+    // token_embd is frozen by llama.cpp's training; everything else moved.
+    assert_eq!((r.tensors, r.changed), (21, 20), "{r:?}");
+    assert_eq!(epochs, EPOCHS);
+    assert_eq!(steps, EPOCHS * r.train.plan.train_sequences);
+    assert!(r.train.epochs.iter().all(|e| e.val.is_none()));
+    let (first, last) = (&r.train.epochs[0].train, &r.train.epochs[EPOCHS - 1].train);
+    assert!(last.loss < first.loss, "{first:?} → {last:?}");
 
     // Extract: a dense pack (the whole delta) and a DARE pack.
     let extract = |name: &str, density: f64, values: GgmlType| {

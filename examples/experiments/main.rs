@@ -14,10 +14,14 @@
 //!
 //! Every ability is measured with ggmerge's own runtime: the base loaded by llama.cpp, the
 //! expert deltas applied at load time ([`ExpertSession`]), answers scored by greedy decoding
-//! (exact match, [`Session::score_answer`]) and by their log-likelihood.
+//! (exact match, [`Session::score_answer`]) and by their log-likelihood. The datasets are the
+//! library's invented facts ([`ggmerge::flows::facts`]).
+//!
+//! `run` is one function per experiment, in the order of docs/results.md — [`baselines`] (0),
+//! [`drop_rate`] (1), [`merges`] (2), [`quantized`] (3), [`requantized`] (4), [`packs`] (5),
+//! [`wall_times`] — each appending its table to a shared [`Lab`] (paths, the loaded base, the
+//! report, timings).
 
-#[path = "../../tests/common/facts.rs"]
-mod facts;
 mod plot;
 
 use std::fmt::Write as _;
@@ -27,6 +31,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context as _, Result};
 use ggmerge::flows::extract::{extract_delta, ExtractOptions, ExtractReport};
+use ggmerge::flows::facts;
 use ggmerge::format::GgmlType;
 use ggmerge::merge::config::{ConfigSource, MergeConfig, Method, ModelEntry, ParamValue, Rescale};
 use ggmerge::merge::method::Sparsifier;
@@ -91,21 +96,16 @@ fn data(dir: &Path) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     for (i, d) in facts::domains(FACTS, DATA_SEED).iter().enumerate() {
         write(
-            &dir.join(format!("{}.train.txt", d.name)),
+            &dir.join(format!("{}.train.txt", d.name())),
             &d.train_text(REPEATS, DATA_SEED + 1 + i as u64),
         )?;
         write(
-            &dir.join(format!("{}.heldout.txt", d.name)),
+            &dir.join(format!("{}.heldout.txt", d.name())),
             &d.heldout_text(),
         )?;
-        let qs: Vec<String> = d
-            .questions()
-            .iter()
-            .map(|q| json!({"prompt": q.prompt, "answer": q.answer}).to_string())
-            .collect();
         write(
-            &dir.join(format!("{}.questions.jsonl", d.name)),
-            &(qs.join("\n") + "\n"),
+            &dir.join(format!("{}.questions.jsonl", d.name())),
+            &d.questions_jsonl(),
         )?;
     }
     Ok(())
@@ -191,7 +191,8 @@ fn both_domains(per: &[Vec<Score>; 2]) -> (String, [f64; 2]) {
     (cells, [spread(&ex(0)).0, spread(&ex(1)).0])
 }
 
-/// The experiment context: paths, the loaded models and timings.
+/// What every experiment shares: paths, the loaded F32 base, the report being written and
+/// the timings.
 struct Lab {
     dir: PathBuf,
     work: PathBuf,
@@ -199,11 +200,52 @@ struct Lab {
     domains: [facts::Domain; 2],
     base: PathBuf,
     experts: [PathBuf; 2],
+    /// The F32 base loaded by llama.cpp; packs are applied to it in memory.
+    model: Model,
+    /// The generated part of docs/results.md, one experiment after the other.
+    md: String,
     timings: Vec<(String, f64)>,
     json: serde_json::Map<String, serde_json::Value>,
 }
 
 impl Lab {
+    /// Checks DIR holds the base and both experts, creates DIR/work and loads the base.
+    fn open(dir: &Path, threads: Option<usize>) -> Result<Lab> {
+        let work = dir.join("work");
+        std::fs::create_dir_all(&work)?;
+        let base = dir.join("smollm2-135m-f32.gguf");
+        let experts = [
+            dir.join("expert-capitals.gguf"),
+            dir.join("expert-birthplaces.gguf"),
+        ];
+        for p in std::iter::once(&base).chain(&experts) {
+            if !p.exists() {
+                return Err(anyhow!(
+                    "{} is missing: run scripts/experiments.sh",
+                    p.display()
+                ));
+            }
+        }
+        let model = Model::load(&base, &ModelOptions::default())?;
+        Ok(Lab {
+            dir: dir.to_path_buf(),
+            work,
+            threads,
+            domains: facts::domains(FACTS, DATA_SEED),
+            base,
+            experts,
+            model,
+            md: String::new(),
+            timings: Vec::new(),
+            json: serde_json::Map::new(),
+        })
+    }
+
+    /// The domains' names, in order.
+    fn names(&self) -> [&'static str; 2] {
+        [self.domains[0].name(), self.domains[1].name()]
+    }
+
     fn session_opts(&self, n_ctx: u32) -> SessionOptions {
         SessionOptions {
             n_ctx,
@@ -258,7 +300,7 @@ impl Lab {
         weights: &[f64],
         method: Method,
         only: Option<usize>,
-    ) -> Result<[Option<Score>; 2]> {
+    ) -> Result<Scores> {
         let experts = packs.iter().map(Expert::from_path).collect();
         let mut s = ExpertSession::new(
             model,
@@ -309,37 +351,30 @@ fn mixture_config(base: &Path, models: &[(&Path, f64)], method: Method) -> Merge
     cfg
 }
 
-fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
-    let work = dir.join("work");
-    std::fs::create_dir_all(&work)?;
-    let mut lab = Lab {
-        dir: dir.to_path_buf(),
-        work,
-        threads,
-        domains: facts::domains(FACTS, DATA_SEED),
-        base: dir.join("smollm2-135m-f32.gguf"),
-        experts: [
-            dir.join("expert-capitals.gguf"),
-            dir.join("expert-birthplaces.gguf"),
-        ],
-        timings: Vec::new(),
-        json: serde_json::Map::new(),
-    };
-    for p in std::iter::once(&lab.base).chain(&lab.experts) {
-        if !p.exists() {
-            return Err(anyhow!(
-                "{} is missing: run scripts/experiments.sh",
-                p.display()
-            ));
-        }
-    }
-    let mut md = String::new();
-    let base = lab.base.clone();
-    let model = Model::load(&base, &ModelOptions::default())?;
-    let names = [lab.domains[0].name, lab.domains[1].name];
+/// Both domains' scores of one configuration (`None` for a domain not scored).
+type Scores = [Option<Score>; 2];
 
-    // 0. Baselines: the base and each expert alone (density-1 packs: the exact fine-tune).
+/// Domain `i`'s score (zeros when it was not scored).
+fn sc(s: &Scores, i: usize) -> Score {
+    s[i].unwrap_or_default()
+}
+
+/// A point of experiment 1's drop-rate curve: expert, rescale, density, scores over seeds,
+/// pack bytes.
+type CurvePoint = (usize, Rescale, f64, Vec<Score>, Option<u64>);
+
+/// What experiment 0 measured that later ones use.
+struct Baselines {
+    /// Each expert as a density-1 pack (the exact fine-tune).
+    dense: Vec<PathBuf>,
+    /// Each expert alone at weight 1.
+    alone: [Scores; 2],
+}
+
+/// Experiment 0: the base and each expert alone (density-1 packs: the exact fine-tune).
+fn baselines(lab: &mut Lab) -> Result<Baselines> {
     let t = Instant::now();
+    let base = lab.base.clone();
     let mut dense = Vec::new();
     for (i, e) in lab.experts.clone().iter().enumerate() {
         dense.push(
@@ -356,38 +391,18 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
             .0,
         );
     }
-    let base_scores = lab.evaluate(
-        &model,
-        &base,
-        &dense,
-        &[0.0, 0.0],
-        Method::TaskArithmetic,
-        None,
-    )?;
-    let alone = [
-        lab.evaluate(
-            &model,
-            &base,
-            &dense,
-            &[1.0, 0.0],
-            Method::TaskArithmetic,
-            None,
-        )?,
-        lab.evaluate(
-            &model,
-            &base,
-            &dense,
-            &[0.0, 1.0],
-            Method::TaskArithmetic,
-            None,
-        )?,
-    ];
+    let on_base = |lab: &Lab, w: [f64; 2]| {
+        lab.evaluate(&lab.model, &base, &dense, &w, Method::TaskArithmetic, None)
+    };
+    let base_scores = on_base(lab, [0.0, 0.0])?;
+    let alone = [on_base(lab, [1.0, 0.0])?, on_base(lab, [0.0, 1.0])?];
     lab.time("baselines: base and each expert alone", t);
-    let sc = |s: &[Option<Score>; 2], i: usize| s[i].unwrap_or_default();
+    let names = lab.names();
+    let md = &mut lab.md;
     writeln!(md, "## 0. The experts\n")?;
     writeln!(md, "| model | {} exact | {} exact | {} answer log-lik./token | {} answer log-lik./token | {} held-out log-lik. | {} held-out log-lik. | {} held-out ppl | {} held-out ppl |", names[0], names[1], names[0], names[1], names[0], names[1], names[0], names[1])?;
     writeln!(md, "|---|---|---|---|---|---|---|---|---|")?;
-    let mut row0 = |label: &str, s: &[Option<Score>; 2]| -> Result<()> {
+    let mut row0 = |label: &str, s: &Scores| -> Result<()> {
         let (a, b) = (sc(s, 0), sc(s, 1));
         writeln!(
             md,
@@ -415,11 +430,14 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
             names[1]: [sc(&alone[1], 0).exact, sc(&alone[1], 1).exact],
         }),
     );
+    Ok(Baselines { dense, alone })
+}
 
-    // 1. Drop-rate curve per expert, with and without rescale.
+/// Experiment 1: drop-rate curve per expert, with and without rescale, its table and plot.
+/// Returns the curve (experiment 5 reports its pack sizes).
+fn drop_rate(lab: &mut Lab, dense: &[PathBuf]) -> Result<Vec<CurvePoint>> {
     let t = Instant::now();
-    // (expert, rescale, density, scores over seeds, pack bytes)
-    type CurvePoint = (usize, Rescale, f64, Vec<Score>, Option<u64>);
+    let base = lab.base.clone();
     let mut curve: Vec<CurvePoint> = Vec::new();
     for (i, e) in lab.experts.clone().iter().enumerate() {
         for rescale in [Rescale::Inverse, Rescale::None] {
@@ -441,10 +459,16 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
                     bytes = Some(std::fs::metadata(&p)?.len());
                     let mut w = vec![0.0; 2];
                     w[i] = 1.0;
-                    let mut packs = dense.clone();
+                    let mut packs = dense.to_vec();
                     packs[i] = p;
-                    let s =
-                        lab.evaluate(&model, &base, &packs, &w, Method::TaskArithmetic, Some(i))?;
+                    let s = lab.evaluate(
+                        &lab.model,
+                        &base,
+                        &packs,
+                        &w,
+                        Method::TaskArithmetic,
+                        Some(i),
+                    )?;
                     scores.push(sc(&s, i));
                 }
                 curve.push((i, rescale, d, scores, bytes));
@@ -452,6 +476,8 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
         }
     }
     lab.time("1. drop-rate curves", t);
+    let names = lab.names();
+    let md = &mut lab.md;
     writeln!(
         md,
         "## 1. Drop rate: ability vs. density, with and without rescale\n"
@@ -479,6 +505,12 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
         md,
         "\n![exact match and answer log-likelihood vs. density](results-density.png)\n"
     )?;
+    plot_drop_rate(&curve, names)?;
+    Ok(curve)
+}
+
+/// Draws experiment 1's curves into docs/results-density.png (when a font is installed).
+fn plot_drop_rate(curve: &[CurvePoint], names: [&str; 2]) -> Result<()> {
     let mut series_exact = Vec::new();
     let mut series_lp = Vec::new();
     for (i, name) in names.iter().enumerate() {
@@ -509,45 +541,50 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
         .iter()
         .flat_map(|s| s.points.iter().map(|p| p.2))
         .fold(0.0f64, f64::min);
-    if let Some(font) = plot::find_font() {
-        plot::draw_png(
-            &Path::new("docs").join("results-density.png"),
-            &font,
-            &[
-                plot::Chart {
-                    title: "Exact match vs. DARE density",
-                    x_label: "density (kept fraction)",
-                    y_label: "exact match (%)",
-                    log_x: true,
-                    y_range: (0.0, 100.0),
-                    series: &series_exact,
-                },
-                plot::Chart {
-                    title: "Answer log-likelihood vs. DARE density",
-                    x_label: "density (kept fraction)",
-                    y_label: "log-likelihood per answer token",
-                    log_x: true,
-                    y_range: ((lp_min * 1.1).floor(), 0.0),
-                    series: &series_lp,
-                },
-            ],
-        )?;
-    } else {
+    let Some(font) = plot::find_font() else {
         eprintln!(
             "no DejaVu Sans font found: the plot is not drawn (apt-get install fonts-dejavu-core)"
         );
-    }
+        return Ok(());
+    };
+    plot::draw_png(
+        &Path::new("docs").join("results-density.png"),
+        &font,
+        &[
+            plot::Chart {
+                title: "Exact match vs. DARE density",
+                x_label: "density (kept fraction)",
+                y_label: "exact match (%)",
+                log_x: true,
+                y_range: (0.0, 100.0),
+                series: &series_exact,
+            },
+            plot::Chart {
+                title: "Answer log-likelihood vs. DARE density",
+                x_label: "density (kept fraction)",
+                y_label: "log-likelihood per answer token",
+                log_x: true,
+                y_range: ((lp_min * 1.1).floor(), 0.0),
+                series: &series_lp,
+            },
+        ],
+    )?;
+    Ok(())
+}
 
-    // 2. Merging both experts into the base.
+/// Experiment 2: merging both experts into the base, by method and weight.
+fn merges(lab: &mut Lab, alone: &[Scores; 2]) -> Result<()> {
     let t = Instant::now();
-    writeln!(md, "## 2. Merging the two experts into the base\n")?;
-    writeln!(md, "Both experts at the same weight w (λ = 1), F32; each ability of the merged model. DARE/DELLA at density 0.1 (mean over seeds {SEEDS:?}), TIES trims to the top 20% magnitudes. Alone: {} {} / {} {}.\n", names[0], pct(&[sc(&alone[0], 0).exact]), names[1], pct(&[sc(&alone[1], 1).exact]))?;
+    let base = lab.base.clone();
+    let names = lab.names();
+    writeln!(lab.md, "## 2. Merging the two experts into the base\n")?;
+    writeln!(lab.md, "Both experts at the same weight w (λ = 1), F32; each ability of the merged model. DARE/DELLA at density 0.1 (mean over seeds {SEEDS:?}), TIES trims to the top 20% magnitudes. Alone: {} {} / {} {}.\n", names[0], pct(&[sc(&alone[0], 0).exact]), names[1], pct(&[sc(&alone[1], 1).exact]))?;
     writeln!(
-        md,
+        lab.md,
         "| method | w | {} exact | {} exact | {} log-lik. | {} log-lik. |",
         names[0], names[1], names[0], names[1]
     )?;
-    writeln!(md, "|---|---|---|---|---|---|")?;
+    writeln!(lab.md, "|---|---|---|---|---|---|")?;
     let mut merged_json = Vec::new();
     let methods: [(&str, Sparsifier, f64, Method, bool); 5] = [
         (
@@ -574,7 +611,7 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
             let mut per = [Vec::new(), Vec::new()];
             for &seed in seeds {
                 let mut packs = Vec::new();
-                for (i, e) in lab.experts.clone().iter().enumerate() {
+                for (i, e) in lab.experts.iter().enumerate() {
                     packs.push(
                         lab.pack(
                             &base,
@@ -589,30 +626,36 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
                         .0,
                     );
                 }
-                let s = lab.evaluate(&model, &base, &packs, &[w, w], method, None)?;
+                let s = lab.evaluate(&lab.model, &base, &packs, &[w, w], method, None)?;
                 per[0].push(sc(&s, 0));
                 per[1].push(sc(&s, 1));
             }
             let (cells, exact) = both_domains(&per);
-            writeln!(md, "| {label} | {w} | {cells} |")?;
+            writeln!(lab.md, "| {label} | {w} | {cells} |")?;
             merged_json.push(json!({"method": label, "w": w, "exact": exact}));
         }
     }
-    writeln!(md)?;
+    writeln!(lab.md)?;
     lab.json
         .insert("merge".into(), serde_json::Value::Array(merged_json));
     lab.time("2. merges", t);
+    Ok(())
+}
 
-    // 3. Quantized base and experts.
+/// Experiment 3: base and experts quantized before merging; packs of the quantized pair
+/// applied to the quantized base.
+fn quantized(lab: &mut Lab) -> Result<()> {
     let t = Instant::now();
-    writeln!(md, "## 3. Quantized before merging\n")?;
-    writeln!(md, "Base and experts quantized with `ggmerge quantize` first; packs extracted from the quantized pair and applied to the quantized base (w = 1 alone, the merge at w = 0.75; DARE density 0.1, mean over seeds).\n")?;
+    let base = lab.base.clone();
+    let names = lab.names();
+    writeln!(lab.md, "## 3. Quantized before merging\n")?;
+    writeln!(lab.md, "Base and experts quantized with `ggmerge quantize` first; packs extracted from the quantized pair and applied to the quantized base (w = 1 alone, the merge at w = 0.75; DARE density 0.1, mean over seeds).\n")?;
     writeln!(
-        md,
+        lab.md,
         "| type | configuration | {} exact | {} exact | {} log-lik. | {} log-lik. |",
         names[0], names[1], names[0], names[1]
     )?;
-    writeln!(md, "|---|---|---|---|---|---|")?;
+    writeln!(lab.md, "|---|---|---|---|---|---|")?;
     for &ty in pick(&["F32", "Q8_0", "Q4_K_M"]) {
         let (qbase, qexperts) = if ty == "F32" {
             (base.clone(), lab.experts.clone())
@@ -641,7 +684,7 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
         } else {
             Some(Model::load(&qbase, &ModelOptions::default())?)
         };
-        let m = qmodel.as_ref().unwrap_or(&model);
+        let m = qmodel.as_ref().unwrap_or(&lab.model);
         let tag = if ty == "F32" {
             "f32".to_string()
         } else {
@@ -708,18 +751,23 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
                 per[0].push(sc(&s, 0));
                 per[1].push(sc(&s, 1));
             }
-            writeln!(md, "| {ty} | {label} | {} |", both_domains(&per).0)?;
+            writeln!(lab.md, "| {ty} | {label} | {} |", both_domains(&per).0)?;
         }
     }
-    writeln!(md)?;
+    writeln!(lab.md)?;
     lab.time("3. quantized merges", t);
+    Ok(())
+}
 
-    // 4. Requantization of the merged F32 model.
+/// Experiment 4: the merged F32 model written quantized (`--type`), its delta retention and
+/// abilities.
+fn requantized(lab: &mut Lab) -> Result<()> {
     let t = Instant::now();
-    writeln!(md, "## 4. Requantizing the merge\n")?;
-    writeln!(md, "`ggmerge merge` of the F32 base and experts (w = 0.75 each) written as a quantized model (`--type`); retention = ⟨q(merged) − base, Δ⟩ / ⟨Δ, Δ⟩ over all merged tensors (weighted by tensor); seed 1.\n")?;
-    writeln!(md, "| output type | method | density | retention | {} exact | {} exact | {} log-lik. | {} log-lik. |", names[0], names[1], names[0], names[1])?;
-    writeln!(md, "|---|---|---|---|---|---|---|---|")?;
+    let names = lab.names();
+    writeln!(lab.md, "## 4. Requantizing the merge\n")?;
+    writeln!(lab.md, "`ggmerge merge` of the F32 base and experts (w = 0.75 each) written as a quantized model (`--type`); retention = ⟨q(merged) − base, Δ⟩ / ⟨Δ, Δ⟩ over all merged tensors (weighted by tensor); seed 1.\n")?;
+    writeln!(lab.md, "| output type | method | density | retention | {} exact | {} exact | {} log-lik. | {} log-lik. |", names[0], names[1], names[0], names[1])?;
+    writeln!(lab.md, "|---|---|---|---|---|---|---|---|")?;
     for &ty in pick(&["Q8_0", "Q4_1", "Q4_K_M"]) {
         for &(method, density) in pick(&[
             (Method::TaskArithmetic, 1.0),
@@ -728,7 +776,7 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
             (Method::DareTies, 0.03),
         ]) {
             let mut cfg = mixture_config(
-                &base,
+                &lab.base,
                 &[(&lab.experts[0], 0.75), (&lab.experts[1], 0.75)],
                 method,
             );
@@ -759,7 +807,7 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
                     .max(1.0);
             let s = lab.evaluate_file(&out)?;
             writeln!(
-                md,
+                lab.md,
                 "| {ty} | {} | {density} | {:.0}% | {:.0}% | {:.0}% | {:.2} | {:.2} |",
                 method.name(),
                 100.0 * total,
@@ -771,21 +819,27 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
             std::fs::remove_file(&out).ok();
         }
     }
-    writeln!(md)?;
+    writeln!(lab.md)?;
     lab.time("4. requantized merges", t);
+    Ok(())
+}
 
-    // 5. Packs: size, and run-time application vs. the merged file.
+/// Experiment 5: delta packs, their size (from experiment 1's `curve`), and run-time
+/// application against the merged file.
+fn packs(lab: &mut Lab, curve: &[CurvePoint]) -> Result<()> {
     let t = Instant::now();
-    writeln!(md, "## 5. Delta packs\n")?;
+    let base = lab.base.clone();
+    let names = lab.names();
+    writeln!(lab.md, "## 5. Delta packs\n")?;
     let expert_bytes = std::fs::metadata(&lab.experts[0])?.len();
-    writeln!(md, "Pack size (F16 values, DARE, rescale inverse) of the {} expert; the fine-tune itself is {:.1} MiB (F32).\n", names[0], expert_bytes as f64 / 1048576.0)?;
-    writeln!(md, "| density | pack | pack / fine-tune |")?;
-    writeln!(md, "|---|---|---|")?;
-    for (i, r, d, _, bytes) in &curve {
+    writeln!(lab.md, "Pack size (F16 values, DARE, rescale inverse) of the {} expert; the fine-tune itself is {:.1} MiB (F32).\n", names[0], expert_bytes as f64 / 1048576.0)?;
+    writeln!(lab.md, "| density | pack | pack / fine-tune |")?;
+    writeln!(lab.md, "|---|---|---|")?;
+    for (i, r, d, _, bytes) in curve {
         if *i == 0 && *r == Rescale::Inverse {
             if let Some(b) = bytes {
                 writeln!(
-                    md,
+                    lab.md,
                     "| {d} | {:.1} MiB | {:.1}% |",
                     *b as f64 / 1048576.0,
                     100.0 * *b as f64 / expert_bytes as f64
@@ -794,7 +848,7 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
         }
     }
     let mut packs = Vec::new();
-    for (i, e) in lab.experts.clone().iter().enumerate() {
+    for (i, e) in lab.experts.iter().enumerate() {
         packs.push(
             lab.pack(
                 &base,
@@ -810,7 +864,7 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
         );
     }
     let mut es = ExpertSession::new(
-        &model,
+        &lab.model,
         &base,
         packs.iter().map(Expert::from_path).collect(),
         &[0.75, 0.75],
@@ -849,14 +903,18 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
         .ppl;
     drop(applied);
     std::fs::remove_file(&out).ok();
-    writeln!(md, "\nBoth experts at 0.75 (dare_ties packs, density 0.1): perplexity of the held-out texts with `run --expert` (applied at load time) {run_ppl:.4}, with the `apply`-ed file loaded by llama.cpp {file_ppl:.4} (relative difference {:.1e}).\n", (run_ppl - file_ppl).abs() / file_ppl)?;
+    writeln!(lab.md, "\nBoth experts at 0.75 (dare_ties packs, density 0.1): perplexity of the held-out texts with `run --expert` (applied at load time) {run_ppl:.4}, with the `apply`-ed file loaded by llama.cpp {file_ppl:.4} (relative difference {:.1e}).\n", (run_ppl - file_ppl).abs() / file_ppl)?;
     lab.json.insert(
         "packs".into(),
         json!({"run_ppl": run_ppl, "file_ppl": file_ppl}),
     );
     lab.time("5. packs", t);
+    Ok(())
+}
 
-    // Wall times.
+/// The wall time of each step, fine-tuning included (from scripts/experiments.sh's files).
+fn wall_times(lab: &mut Lab) -> Result<()> {
+    let md = &mut lab.md;
     writeln!(md, "## Wall time of each step\n")?;
     writeln!(md, "| step | seconds |")?;
     writeln!(md, "|---|---|")?;
@@ -869,7 +927,21 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
         }
     }
     writeln!(md)?;
-    write_generated(Path::new("docs/results.md"), &md)?;
+    Ok(())
+}
+
+/// Every experiment in order; the tables go to docs/results.md (its generated part) and
+/// docs/results.json.
+fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
+    let mut lab = Lab::open(dir, threads)?;
+    let Baselines { dense, alone } = baselines(&mut lab)?;
+    let curve = drop_rate(&mut lab, &dense)?;
+    merges(&mut lab, &alone)?;
+    quantized(&mut lab)?;
+    requantized(&mut lab)?;
+    packs(&mut lab, &curve)?;
+    wall_times(&mut lab)?;
+    write_generated(Path::new("docs/results.md"), &lab.md)?;
     write(
         Path::new("docs/results.json"),
         &serde_json::to_string_pretty(&serde_json::Value::Object(lab.json))?,

@@ -172,6 +172,8 @@ pub enum Command {
     ///
     /// Example: ggmerge eval --base base.gguf --expert geo.dpk.gguf -f geo.questions.jsonl
     Eval(EvalArgs),
+    // Help text on the struct, in cli/finetune.rs.
+    Finetune(super::finetune::FinetuneArgs),
 }
 
 #[derive(Args, Debug, Clone)]

@@ -8,6 +8,7 @@
 
 mod args;
 mod bars;
+mod finetune;
 mod merge;
 mod print;
 mod run;
@@ -137,6 +138,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         Command::Chat(a) => run::chat(&a),
         Command::Perplexity(a) => run::perplexity(&a),
         Command::Eval(a) => run::eval(&a),
+        Command::Finetune(a) => finetune::run(&a),
         Command::Apply(a) => merge::apply(&a),
         Command::Convert(a) => {
             let opts = ggmerge::ConvertOptions {

@@ -7,6 +7,10 @@
 //! - [`extract_delta`](extract::extract_delta): a fine-tune → a sparse delta pack.
 //! - [`merge_models`](merge::merge_models): merge fine-tunes (or packs) into a base.
 //! - [`evaluate`](eval::evaluate): greedy exact match and answer log-likelihood on questions.
+//! - [`finetune`](finetune::finetune): full fine-tuning of an F32 GGUF model on a text
+//!   (llama.cpp's training API), written homologous to its base.
+//! - [`facts`]: invented-fact datasets (training text, questions, held-out phrasing) for
+//!   knowledge experts.
 //! - [`progress`] — the [`Progress`](progress::Progress) callback.
 //!
 //! Experts at run time are [`crate::runtime::ExpertSession`].
@@ -14,6 +18,8 @@
 pub mod convert;
 pub mod eval;
 pub mod extract;
+pub mod facts;
+pub mod finetune;
 pub mod inspect;
 pub mod merge;
 pub mod progress;

@@ -826,11 +826,11 @@ fn prepare(
             let Some((from, until)) = rank_window(sparsifier_of(i), &job.params[i], n) else {
                 continue;
             };
-            let cuts = rank_cuts(job, &chunks, &offsets, i, &[from, until], n)?;
+            let cuts = rank_cuts(job, chunks, offsets, i, &[from, until], n)?;
             sparsity[i].keep_from = cuts[0];
             sparsity[i].keep_until = cuts[1];
             let (vf, vu) = (cuts[0].value_bits, cuts[1].value_bits);
-            let counts = job.for_chunks(&chunks, &offsets, |_, _, d| {
+            let counts = job.for_chunks(chunks, offsets, |_, _, d| {
                 let mut e = (0u64, 0u64);
                 for v in &d[i] {
                     let b = v.abs().to_bits();
@@ -853,7 +853,7 @@ fn prepare(
 
     // L1 rescale: factor = ‖δ‖₁ / ‖sparsified δ‖₁ per model and tensor.
     if spec.rescale == Rescale::L1 && spec.sparsifier != Sparsifier::None {
-        let sums = job.for_chunks(&chunks, &offsets, |c, _, d| {
+        let sums = job.for_chunks(chunks, offsets, |c, _, d| {
             (0..m)
                 .map(|i| {
                     let before: f64 = d[i].iter().map(|v| f64::from(v.abs())).sum();
@@ -892,7 +892,7 @@ fn prepare(
     // SLERP: one angle per tensor.
     let mut slerp = (1.0f32, 0.0f32);
     if spec.kind == Kind::Slerp {
-        let parts = job.for_chunks(&chunks, &offsets, |_, base, d| {
+        let parts = job.for_chunks(chunks, offsets, |_, base, d| {
             let (mut dot, mut n0, mut n1) = (0f64, 0f64, 0f64);
             for (b, dv) in base.iter().zip(&d[0]) {
                 let x = f64::from(b + dv);

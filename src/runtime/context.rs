@@ -1,5 +1,6 @@
-//! The two small owning wrappers under [`Session`](super::Session): [`Context`] (a
-//! `llama_context`) and [`Batch`] (a `llama_batch` from `llama_batch_init`). Crate-private.
+//! The two small owning wrappers under [`Session`](super::Session) and
+//! [`train`](super::train): [`Context`] (a `llama_context`) and [`Batch`] (a `llama_batch`
+//! from `llama_batch_init`). Crate-private.
 
 use std::ffi::c_void;
 use std::marker::PhantomData;
@@ -55,13 +56,44 @@ impl<'m> Context<'m> {
         cp.no_perf = true;
         cp.cb_eval = p.cb_eval;
         cp.cb_eval_user_data = p.cb_eval_user_data;
+        // `cp`'s pointers are null except cb_eval/cb_eval_user_data, whose caller guarantees
+        // the user data outlives the context (see `weights::discover`).
+        Self::init(model, cp)
+    }
+
+    /// A context for training ([`super::train`]), as llama.cpp's `finetune.cpp` sets it up:
+    /// `n_batch = n_ubatch = n_ctx` (one optimizer step per sequence, and the K and V
+    /// projections receive gradients), F32 KV cache and flash attention off (no backward pass
+    /// for F16 `OUT_PROD` or `FLASH_ATTN_EXT`); one sequence.
+    pub fn for_training(model: &'m Model, n_ctx: u32, threads: usize) -> Result<Context<'m>> {
+        let threads = i32::try_from(threads)
+            .map_err(|_| RuntimeError::Invalid(format!("{threads} threads is too many")))?;
+        // SAFETY: plain-data defaults.
+        let mut cp = unsafe { sys::llama_context_default_params() };
+        cp.n_ctx = n_ctx;
+        cp.n_batch = n_ctx;
+        cp.n_ubatch = n_ctx;
+        cp.n_seq_max = 1;
+        cp.n_threads = threads;
+        cp.n_threads_batch = threads;
+        cp.type_k = sys::GGML_TYPE_F32;
+        cp.type_v = sys::GGML_TYPE_F32;
+        cp.flash_attn_type = sys::LLAMA_FLASH_ATTN_TYPE_DISABLED;
+        cp.no_perf = true;
+        // No callbacks: every pointer in `cp` is null.
+        Self::init(model, cp)
+    }
+
+    /// `llama_init_from_model(model, cp)`; `cp`'s callbacks and their user data (if any) must
+    /// outlive the context.
+    fn init(model: &'m Model, cp: sys::llama_context_params) -> Result<Context<'m>> {
         backend::clear_last_error();
-        // SAFETY: the model is alive for `'m`, longer than the context. `cp`'s pointers are
-        // null except cb_eval/cb_eval_user_data, whose caller guarantees the user data outlives
-        // the context (see `weights::discover`). Null is returned on failure, checked below.
+        // SAFETY: the model is alive for `'m`, longer than the context. Both callers set no
+        // pointer in `cp` but cb_eval/cb_eval_user_data, whose user data outlives the context
+        // (`Context::new`'s contract). Null is returned on failure, checked below.
         let raw = unsafe { sys::llama_init_from_model(model.raw(), cp) };
         let raw = NonNull::new(raw).ok_or_else(|| RuntimeError::Context {
-            n_ctx: p.n_ctx,
+            n_ctx: cp.n_ctx,
             detail: backend::take_last_error(),
         })?;
         Ok(Context {
@@ -72,6 +104,12 @@ impl<'m> Context<'m> {
 
     pub fn raw(&self) -> *mut sys::llama_context {
         self.raw.as_ptr()
+    }
+
+    /// The context size llama.cpp actually uses (`llama_n_ctx`: the size asked for, padded).
+    pub fn n_ctx(&self) -> usize {
+        // SAFETY: the context is alive.
+        unsafe { sys::llama_n_ctx(self.raw.as_ptr()) as usize }
     }
 
     /// Empties the KV cache / memory, data included (`llama_memory_clear(mem, true)`).

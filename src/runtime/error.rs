@@ -175,6 +175,9 @@ pub enum RuntimeError {
     /// The thread pool could not be made.
     #[error(transparent)]
     Threads(#[from] crate::threads::ThreadsError),
+    /// Training failed ([`crate::runtime::train`]).
+    #[error(transparent)]
+    Train(Box<crate::runtime::train::TrainError>),
 }
 
 fn detail_suffix(detail: &str) -> String {

@@ -92,7 +92,7 @@ impl std::fmt::Debug for Model {
     }
 }
 
-fn path_cstring(path: &Path) -> Result<CString> {
+pub(super) fn path_cstring(path: &Path) -> Result<CString> {
     #[cfg(unix)]
     let bytes = {
         use std::os::unix::ffi::OsStrExt;

@@ -7,7 +7,6 @@
 use std::path::PathBuf;
 
 pub mod experts;
-pub mod facts;
 pub mod llama;
 pub mod tiny_model;
 

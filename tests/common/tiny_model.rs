@@ -1,6 +1,6 @@
 //! A tiny llama-architecture model with random weights, written as GGUF by ggmerge's own
 //! writer, with SmolLM2's tokenizer: small enough that llama.cpp trains it in seconds
-//! (`examples/finetune.rs` needs every tensor in F32, which these are).
+//! (`ggmerge finetune` needs every tensor in F32, which these are).
 //!
 //! It has a separate `output.weight` (no tied embeddings), because llama.cpp's training leaves
 //! `token_embd.weight` frozen: with an output matrix of its own the output layer is trained.
