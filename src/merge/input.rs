@@ -1,7 +1,7 @@
 //! A merge's inputs as the planner sees them: the reference model (the base, or for `linear`
 //! the first model) and, per model, either its full weights ([`ModelSource`], GGUF or
 //! safetensors) or a sparse delta already sparsified and rescaled ([`SparseSource`]: a delta
-//! pack, implemented in [`crate::delta`]).
+//! pack, implemented in the delta layer above this one).
 //!
 //! Opening them is the caller's job — `crate::delta::open_inputs` for files named in a config,
 //! or the runtime, which keeps its base and packs open across mixtures — because telling a

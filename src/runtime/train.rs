@@ -8,7 +8,7 @@
 //!   [`TrainReport`] holds loss and accuracy per epoch, training and validation.
 //! - [`save`] — `llama_model_save_to_file`. Its writer drops the metadata llama.cpp does not
 //!   model (chat template, `general.*`) and records the training context as
-//!   `context_length`, so [`crate::flows::finetune`] rewraps its tensors in the base's file.
+//!   `context_length`, so `flows::finetune` rewraps its tensors in the base's file.
 //! - [`TrainError`] — what can go wrong beyond loading and decoding (inside
 //!   [`RuntimeError::Train`]).
 //!
@@ -753,7 +753,7 @@ pub fn train(
 /// Writes the model to `path` with `llama_model_save_to_file`: its tensors as they are in
 /// memory (trained ones included), with the metadata llama.cpp models — no chat template, no
 /// `general.*` keys, the training context as `context_length`. To keep a base's metadata,
-/// rewrap its tensors ([`crate::flows::finetune`] does).
+/// rewrap its tensors (`flows::finetune` does).
 pub fn save(model: &Model, path: &Path) -> Result<()> {
     let c_path = path_cstring(path)?;
     backend::clear_last_error();

@@ -1,13 +1,13 @@
-//! safetensors models: reading them as a [`ModelSource`] under GGUF names, and writing them under
+//! safetensors models: reading them as a [`ModelSource`](crate::format::source::ModelSource) under GGUF names, and writing them under
 //! Hugging Face names, streaming.
 //!
 //! - [`SafetensorsModel`] — one model from a single `.safetensors` file, a sharded checkpoint
 //!   (`model.safetensors.index.json` and its shards), or an HF directory holding `config.json`
 //!   and one of those. Files are memory-mapped; headers are validated by the `safetensors` crate
 //!   (after ggmerge's own length checks, so a truncated file says so). Tensors are exposed under
-//!   their GGUF names ([`hf_names::hf_to_gguf`]) with ggml-order shapes (the HF shape reversed;
+//!   their GGUF names ([`hf_to_gguf`](crate::format::hf_names::hf_to_gguf)) with ggml-order shapes (the HF shape reversed;
 //!   the bytes are the same), and with llama.cpp's conversion applied
-//!   ([`hf_names::transform_of`]): llama q/k rows permuted, Gemma norms `+ 1`.
+//!   ([`transform_of`](crate::format::hf_names::transform_of)): llama q/k rows permuted, Gemma norms `+ 1`.
 //! - [`SafetensorsWriter`] — one safetensors file, header first (all offsets are known from the
 //!   shapes), then each tensor's bytes in order, to a temporary file renamed on success.
 //! - [`write_safetensors`] — a model under HF names, optionally sharded like an HF checkpoint
@@ -20,7 +20,7 @@
 //! **Gemma norms in F16/BF16.** llama.cpp adds 1 in the checkpoint's dtype (a BF16 `w + 1` is
 //! rounded to BF16) and then stores norms as F32. ggmerge computes `f32(w) + 1` in f32 and
 //! exposes those tensors as F32, which is at least as precise, and writes `g - 1` computed in f32
-//! when going back (1-D tensors are written as F32 by [`crate::flows::convert`], so the round
+//! when going back (1-D tensors are written as F32 by `flows::convert`, so the round
 //! trip GGUF → safetensors → GGUF is exact for norm values in the usual range).
 //!
 //! Files: `read` (the model as a source), `write` (the writer and the HF export).
