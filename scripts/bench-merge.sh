@@ -108,6 +108,7 @@ fixtures=(
   "Gemma3-270M Q4_K_M|gemma-3-270m-q4_k_m.gguf|Q4_K_M"
 )
 rows=()
+memrows=()
 load=$(cut -d' ' -f1-3 /proc/loadavg)
 for f in "${fixtures[@]}"; do
   IFS='|' read -r label file mixture <<<"$f"
@@ -148,6 +149,36 @@ for f in "${fixtures[@]}"; do
   rows+=("$(awk -v l="$label" -v qs="$q_s" -v ms="$m_s" -v qk="$q_kib" -v mk="$m_kib" -v inb="$inputs" -v ma="$m_anon" -v qc="$q_cpu" -v mc="$m_cpu" 'BEGIN {
     printf "| %s | %.2f s | %.2f s | **%.2f** | %.1f / %.1f s = %.2f | %.0f MiB | %.0f MiB | %.0f MiB | %.2f | %.0f MiB |",
       l, qs, ms, ms / qs, mc, qc, mc / qc, qk / 1024, mk / 1024, inb / 1048576, mk * 1024 / inb, ma / 1024 }')")
+
+  if [ "$file" = SmolLM2-135M-Instruct.Q4_1.gguf ]; then
+    # The same merge with every input a Hugging Face safetensors directory (F32), written as
+    # safetensors: both input kinds must release what they have read the same way.
+    echo "== $label: the same merge on F32 safetensors directories (base, experts, output)" >&2
+    for x in base e1 e2; do
+      src=$base
+      [ $x = e1 ] && src=$e1
+      [ $x = e2 ] && src=$e2
+      "$ggmerge" convert "$src" "$work/hf-$x/" --type F32 -t "$threads" -q
+    done
+    st_cmd=("$ggmerge" merge --base "$work/hf-base/"
+      --model "$work/hf-e1/" --weight 0.5 --density 0.1
+      --model "$work/hf-e2/" --weight 0.5 --density 0.1
+      --method dare_ties --seed 1 -t "$threads" -q -o "$work/hf-out/" --force)
+    s_res=""
+    for ((i = 0; i < runs; i++)); do
+      r=$(run_once "$work/hf-out/model.safetensors" "${st_cmd[@]}")
+      s_res=$(best "$s_res" "$r")
+    done
+    read -r s_s s_cpu s_kib <<<"$s_res"
+    out=$work/hf-out/model.safetensors
+    s_anon=$(anon_peak "${st_cmd[@]}")
+    st_inputs=$(du -cb "$work"/hf-base/*.safetensors "$work"/hf-e1/*.safetensors "$work"/hf-e2/*.safetensors | tail -1 | cut -f1)
+    memrows+=("$(awk -v l="$label GGUF (Q4_1 base, F16 experts)" -v ms="$m_s" -v mk="$m_kib" -v inb="$inputs" -v ma="$m_anon" 'BEGIN {
+      printf "| %s | %.2f s | %.0f MiB | %.0f MiB | %.2f | %.0f MiB |", l, ms, inb / 1048576, mk / 1024, mk * 1024 / inb, ma / 1024 }')")
+    memrows+=("$(awk -v l="$label safetensors (F32 HF directories)" -v ms="$s_s" -v mk="$s_kib" -v inb="$st_inputs" -v ma="$s_anon" 'BEGIN {
+      printf "| %s | %.2f s | %.0f MiB | %.0f MiB | %.2f | %.0f MiB |", l, ms, inb / 1048576, mk / 1024, mk * 1024 / inb, ma / 1024 }')")
+    rm -rf "$work"/hf-*
+  fi
   rm -f "$work"/*.gguf
 done
 
@@ -158,3 +189,9 @@ echo
 echo "| fixture | quantize | merge | merge / quantize | CPU time merge / quantize | quantize peak RSS | merge peak RSS | merge inputs (base + 2 experts) | merge RSS / inputs | merge private peak |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
+echo
+echo "Memory by input kind (same merge; peak RSS counts the inputs' mapped pages, private peak does not)"
+echo
+echo "| inputs | merge | inputs size | peak RSS | RSS / inputs | private peak |"
+echo "|---|---|---|---|---|---|"
+printf '%s\n' "${memrows[@]}"
