@@ -2,18 +2,7 @@
 
 mod common;
 
-use std::process::{Command, Output};
-
-fn ggmerge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ggmerge"))
-        .args(args)
-        .output()
-        .expect("run ggmerge")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
+use common::{ggmerge, text};
 
 #[test]
 fn inspect_prints_a_summary_and_json() {

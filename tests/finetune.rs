@@ -6,8 +6,9 @@
 
 mod common;
 
+use common::{ggmerge, s, text};
+
 use std::path::Path;
-use std::process::{Command, Output};
 
 use common::experts::llama_logits;
 use common::tiny_model::TinyLlama;
@@ -15,21 +16,6 @@ use ggmerge::flows::facts;
 use ggmerge::format::gguf::GgufModel;
 use ggmerge::runtime::train::{self, TrainError, TrainEvent, TrainOptions};
 use ggmerge::runtime::{Model, ModelOptions, RuntimeError};
-
-fn ggmerge(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ggmerge"))
-        .args(args)
-        .output()
-        .expect("run ggmerge")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
 
 /// The names in `dir`, sorted.
 fn listing(dir: &Path) -> Vec<String> {

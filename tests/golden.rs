@@ -7,16 +7,14 @@
 
 mod common;
 
+use common::s;
+
 use std::path::Path;
-use std::process::Command;
 
 use ggmerge::format::GgmlType;
 
 fn ggmerge(args: &[&str]) {
-    let out = Command::new(env!("CARGO_BIN_EXE_ggmerge"))
-        .args(args)
-        .output()
-        .expect("run ggmerge");
+    let out = common::ggmerge(args);
     assert!(
         out.status.success(),
         "ggmerge {args:?}: {}",
@@ -28,10 +26,6 @@ fn ggmerge(args: &[&str]) {
 fn hash(path: &Path) -> String {
     let bytes = std::fs::read(path).unwrap();
     format!("{:016x}", xxhash_rust::xxh3::xxh3_64(&bytes))
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// Runs the pinned pipeline on `base` and returns (output name, hash) pairs.

@@ -5,6 +5,8 @@
 
 mod common;
 
+use common::{ggmerge, s, text};
+
 use std::fs;
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -17,21 +19,6 @@ use ggmerge::format::GgmlType;
 
 fn bin() -> &'static str {
     env!("CARGO_BIN_EXE_ggmerge")
-}
-
-fn ggmerge(args: &[&str]) -> Output {
-    Command::new(bin())
-        .args(args)
-        .output()
-        .expect("run ggmerge")
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
 }
 
 /// Files in `dir` (names), sorted.

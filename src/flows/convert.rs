@@ -133,7 +133,7 @@ pub fn convert_model(
     opts: &ConvertOptions,
     progress: &dyn Progress,
 ) -> Result<ConvertReport> {
-    refuse_input_as_output(input, output)?;
+    crate::format::output::refuse_inputs(output, &[input])?;
     let from_gguf = is_gguf(input);
     let (format, wanted) = if from_gguf {
         (
@@ -168,25 +168,6 @@ pub fn convert_model(
     } else {
         safetensors_to_gguf(input, &dest, opts, progress)
     }
-}
-
-/// Refuses an output that is the input, or one of the input's files (a directory input).
-fn refuse_input_as_output(input: &Path, output: &Path) -> Result<()> {
-    let same = |a: &Path, b: &Path| match (std::fs::canonicalize(a), std::fs::canonicalize(b)) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    };
-    if same(input, output) {
-        return Err(FormatError::Write {
-            path: output.to_path_buf(),
-            reason: format!(
-                "refusing to overwrite the input {}; choose another output path",
-                input.display()
-            ),
-        }
-        .into());
-    }
-    Ok(())
 }
 
 fn gguf_to_safetensors(

@@ -18,8 +18,8 @@ use std::time::Instant;
 
 use crate::error::{Error, Result};
 use crate::format::gguf::{GgufModel, GgufWriter, TensorSpec};
-use crate::format::output::{check_output_path, TempFile};
-use crate::format::{FormatError, GgmlType};
+use crate::format::output::{check_output_path, refuse_inputs, TempFile};
+use crate::format::GgmlType;
 use crate::runtime::train::{self, TrainError, TrainEvent, TrainOptions, TrainReport};
 use crate::runtime::{Model, ModelOptions};
 
@@ -54,18 +54,7 @@ pub fn finetune(
     opts.validate()?;
     let base_file = GgufModel::open(base)?;
     check_f32(&base_file)?;
-    for input in [base, data] {
-        if same_file(input, output) {
-            return Err(FormatError::Write {
-                path: output.to_path_buf(),
-                reason: format!(
-                    "refusing to overwrite the input {}; choose another output path",
-                    input.display()
-                ),
-            }
-            .into());
-        }
-    }
+    refuse_inputs(output, &[base, data])?;
     check_output_path(output)?;
     let bytes = std::fs::read(data).map_err(|source| crate::format::FormatError::Io {
         path: data.to_path_buf(),
@@ -116,14 +105,6 @@ fn check_f32(base: &GgufModel) -> Result<()> {
     }
 }
 
-/// Whether `a` and `b` name the same existing file.
-fn same_file(a: &Path, b: &Path) -> bool {
-    match (a.canonicalize(), b.canonicalize()) {
-        (Ok(x), Ok(y)) => x == y,
-        _ => false,
-    }
-}
-
 /// Writes `output`: `base`'s metadata (split keys removed) and tensor order, each tensor's data
 /// from llama.cpp's save `trained` (same name, shape and type required). Returns (changed
 /// tensors, bytes written).
@@ -134,14 +115,7 @@ fn rewrap(base: &GgufModel, trained: &Path, output: &Path) -> Result<(usize, u64
     for k in ["split.no", "split.count", "split.tensors.count"] {
         meta.remove(k);
     }
-    let specs: Vec<TensorSpec> = base
-        .tensors()
-        .map(|t| TensorSpec {
-            name: t.info.name.clone(),
-            shape: t.info.shape.clone(),
-            ty: t.info.ty,
-        })
-        .collect();
+    let specs: Vec<TensorSpec> = base.tensors().map(|t| TensorSpec::from(t.info)).collect();
     let mut w = GgufWriter::create(output, version, &meta, &specs, &[base.path(), trained])?;
     let mut changed = 0;
     for t in base.tensors() {

@@ -194,6 +194,21 @@ pub fn parent_dir(path: &Path) -> PathBuf {
     }
 }
 
+/// Refuses an output that is one of `inputs` (the same file under any name): a flow calls it
+/// before any work; [`OutputFile`] checks again when it creates the file.
+pub fn refuse_inputs(output: &Path, inputs: &[&Path]) -> Result<()> {
+    match inputs.iter().find(|i| same_file(i, output)) {
+        Some(input) => Err(FormatError::Write {
+            path: output.to_path_buf(),
+            reason: format!(
+                "refusing to overwrite the input {}; choose another output path",
+                input.display()
+            ),
+        }),
+        None => Ok(()),
+    }
+}
+
 /// Whether `a` and `b` name the same existing file (same device and inode on Unix).
 fn same_file(a: &Path, b: &Path) -> bool {
     match (fs::canonicalize(a), fs::canonicalize(b)) {
@@ -282,15 +297,7 @@ impl OutputFile {
     }
 
     fn open(target: &Path, inputs: &[&Path]) -> Result<OutputFile> {
-        if let Some(input) = inputs.iter().find(|i| same_file(i, target)) {
-            return Err(FormatError::Write {
-                path: target.to_path_buf(),
-                reason: format!(
-                    "refusing to overwrite the input {}; choose another output path",
-                    input.display()
-                ),
-            });
-        }
+        refuse_inputs(target, inputs)?;
         check_output_path(target)?;
         remove_stale_temporary_files(&parent_dir(target));
         let tmp = temp_path(target, None)?;

@@ -319,7 +319,7 @@ mod tests {
     }
 
     #[test]
-    fn mergekit_registry_facts() {
+    fn sign_consensus_and_packs() {
         let consensus: Vec<_> = Method::ALL
             .into_iter()
             .filter(|m| m.uses_sign_consensus())
@@ -331,24 +331,6 @@ mod tests {
                 Method::DareTies,
                 Method::BreadcrumbsTies,
                 Method::Della
-            ]
-        );
-        let normalize: Vec<_> = Method::ALL
-            .into_iter()
-            .filter(|m| m.default_normalize())
-            .collect();
-        assert_eq!(normalize, [Method::Linear, Method::Ties, Method::Della]);
-        let rescale: Vec<_> = Method::ALL
-            .into_iter()
-            .filter(|m| m.default_rescale())
-            .collect();
-        assert_eq!(
-            rescale,
-            [
-                Method::DareTies,
-                Method::DareLinear,
-                Method::Della,
-                Method::DellaLinear
             ]
         );
         assert!(Method::COMBINING_PACKS.iter().all(|m| m.is_task_vector()));

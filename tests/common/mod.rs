@@ -4,7 +4,8 @@
 //! a missing model is a test failure with that advice, never a silent skip.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
 
 pub mod experts;
 pub mod llama;
@@ -58,4 +59,22 @@ pub fn chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// A fresh temporary directory for a test's outputs.
 pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temporary directory")
+}
+
+/// Runs the `ggmerge` binary built for these tests with `args`.
+pub fn ggmerge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ggmerge"))
+        .args(args)
+        .output()
+        .expect("run ggmerge")
+}
+
+/// Bytes of a process's output as text.
+pub fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+/// A path as a command-line argument.
+pub fn s(p: &Path) -> &str {
+    p.to_str().expect("test paths are UTF-8")
 }

@@ -21,6 +21,17 @@ pub struct TensorSpec {
     pub ty: GgmlType,
 }
 
+impl From<&super::read::TensorInfo> for TensorSpec {
+    /// The spec of an existing tensor (to write a model with another's layout).
+    fn from(t: &super::read::TensorInfo) -> TensorSpec {
+        TensorSpec {
+            name: t.name.clone(),
+            shape: t.shape.clone(),
+            ty: t.ty,
+        }
+    }
+}
+
 /// Writes one GGUF file tensor by tensor.
 pub struct GgufWriter {
     out: OutputFile,

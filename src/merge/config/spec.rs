@@ -94,23 +94,29 @@ pub(super) fn spec(name: &str) -> Option<&'static Spec> {
 }
 
 /// Checks one parameter set (`model`: the model it belongs to, `None` for the global one).
+/// Refuses parameter names no method has, naming them all and where they stand.
+pub(super) fn refuse_unknown(params: &Params, at: &str) -> Result<(), ConfigError> {
+    let unknown: Vec<String> = params
+        .iter()
+        .filter(|(name, _)| spec(name).is_none())
+        .map(|(name, _)| format!("`{name}`"))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    Err(ConfigError::UnknownParameters {
+        names: unknown.join(", "),
+        at: at.to_string(),
+    })
+}
+
 pub(super) fn check_params(
     method: Method,
     params: &Params,
     at: &str,
     model: Option<&str>,
 ) -> Result<(), ConfigError> {
-    let unknown: Vec<String> = params
-        .iter()
-        .filter(|(name, _)| spec(name).is_none())
-        .map(|(name, _)| format!("`{name}`"))
-        .collect();
-    if !unknown.is_empty() {
-        return Err(ConfigError::UnknownParameters {
-            names: unknown.join(", "),
-            at: at.to_string(),
-        });
-    }
+    refuse_unknown(params, at)?;
     for (name, value) in params.iter() {
         let spec = spec(name).expect("checked above");
         if !method.param_names().contains(&name) {

@@ -1,7 +1,7 @@
 //! The document tree both readers produce ([`Node`]): YAML and TOML values reduced to what
 //! configs use, with typed accessors that name the key in their errors.
 
-use super::spec::{model_at, spec, GLOBAL_AT};
+use super::spec::{model_at, refuse_unknown, GLOBAL_AT};
 use super::{ConfigError, ConfigSource, FilterRule, MergeConfig, ParamValue, Params, Rescale};
 
 /// A parsed YAML or TOML value, reduced to what configs use.
@@ -298,18 +298,7 @@ pub(super) fn drop_base_entries(config: &mut MergeConfig) -> Result<(), ConfigEr
         return Ok(());
     };
     for m in config.models.iter().filter(|m| m.model == base) {
-        let unknown: Vec<String> = m
-            .parameters
-            .iter()
-            .filter(|(name, _)| spec(name).is_none())
-            .map(|(name, _)| format!("`{name}`"))
-            .collect();
-        if !unknown.is_empty() {
-            return Err(ConfigError::UnknownParameters {
-                names: unknown.join(", "),
-                at: model_at(&m.model),
-            });
-        }
+        refuse_unknown(&m.parameters, &model_at(&m.model))?;
     }
     config.models.retain(|m| m.model != base);
     Ok(())
