@@ -394,6 +394,12 @@ impl DeltaPack {
         Ok(self.kept_indices.values().map(|v| v.len() as u64).sum())
     }
 
+    /// Bytes held by the kept indices [`cache_kept_indices`](Self::cache_kept_indices)
+    /// computed (0 before).
+    pub fn kept_index_bytes(&self) -> u64 {
+        self.kept_indices.values().map(|v| v.len() as u64).sum()
+    }
+
     /// The pack's path.
     pub fn path(&self) -> &Path {
         self.file.path()

@@ -112,6 +112,21 @@ impl<'m> Context<'m> {
         unsafe { sys::llama_n_ctx(self.raw.as_ptr()) as usize }
     }
 
+    /// Forgets positions `pos..` of sequence 0 (`llama_memory_seq_rm(mem, 0, pos, -1)`),
+    /// keeping `0..pos`. `false` when the memory cannot drop part of a sequence (some
+    /// recurrent or sliding-window caches): the caller then clears it all.
+    pub fn forget_from(&mut self, pos: usize) -> bool {
+        let Ok(pos) = i32::try_from(pos) else {
+            return false;
+        };
+        // SAFETY: the context is alive; its memory handle is owned by it (null for models
+        // without memory: nothing to keep, report failure so the caller clears).
+        unsafe {
+            let mem = sys::llama_get_memory(self.raw.as_ptr());
+            !mem.is_null() && sys::llama_memory_seq_rm(mem, 0, pos, -1)
+        }
+    }
+
     /// Empties the KV cache / memory, data included (`llama_memory_clear(mem, true)`).
     pub fn clear_memory(&mut self) {
         // SAFETY: the context is alive; its memory handle is owned by it (null for models

@@ -70,12 +70,17 @@ pub struct ExpertSession<'m> {
     session: Session<'m>,
     base_path: PathBuf,
     base: Arc<GgufModel>,
+    /// The base's fingerprint (packs added later are checked against it).
+    base_fingerprint: Option<String>,
     experts: Vec<Expert>,
     /// The experts' packs, open for the session, with their kept indices cached.
     packs: Vec<Arc<DeltaPack>>,
     /// Bytes of those cached indices.
     index_bytes: u64,
     weights: Vec<f64>,
+    /// How the current mixture combines the deltas.
+    current_method: Method,
+    /// The default combination of [`ExpertSession::set_mixture`].
     method: Method,
     threads: Option<usize>,
     /// Tensors currently different from the base.
@@ -84,14 +89,17 @@ pub struct ExpertSession<'m> {
     cache: Vec<(String, TensorBytes, u64)>,
     cache_budget: u64,
     warnings: Vec<String>,
+    /// Mixture switches that computed tensors, and those served from the cache.
+    computed: u64,
+    cache_hits: u64,
 }
 
-fn mixture_key(weights: &[f64]) -> String {
-    weights
-        .iter()
-        .map(|w| format!("{:016x}", w.to_bits()))
-        .collect::<Vec<_>>()
-        .join(",")
+/// What identifies a pack's content: its checksum, or (older packs) its path and fingerprint.
+fn pack_id(pack: &DeltaPack) -> String {
+    match &pack.checksum {
+        Some(c) => c.clone(),
+        None => format!("{}@{}", pack.path().display(), pack.fingerprint),
+    }
 }
 
 impl<'m> ExpertSession<'m> {
@@ -116,40 +124,131 @@ impl<'m> ExpertSession<'m> {
             });
         }
         let base = Arc::new(GgufModel::open(base_path)?);
-        // Each pack's mask is generated once, here; every mixture then scatters kept values
-        // at cached indices (4 bytes per kept value) instead of regenerating masks.
-        let mut packs = Vec::with_capacity(experts.len());
-        let mut index_bytes = 0;
-        let base_fingerprint = if experts.is_empty() {
-            String::new()
-        } else {
-            fingerprint(base.as_ref())?
-        };
-        let mut warnings = Vec::new();
-        for e in &experts {
-            let mut pack = DeltaPack::open(&e.path)?;
-            pack.check_base(base.as_ref(), &base_fingerprint)?;
-            warnings.extend(pack.scale_warnings(base.as_ref())?);
-            index_bytes += with_threads(threads, || pack.cache_kept_indices(base.as_ref()))?;
-            packs.push(Arc::new(pack));
-        }
         let mut s = ExpertSession {
             session: model.session(session)?,
             base_path: base_path.to_path_buf(),
             base,
-            experts,
-            packs,
-            index_bytes,
+            base_fingerprint: None,
+            experts: Vec::new(),
+            packs: Vec::new(),
+            index_bytes: 0,
             weights: Vec::new(),
+            current_method: method,
             method,
             threads,
             applied: HashSet::new(),
             cache: Vec::new(),
             cache_budget,
-            warnings,
+            warnings: Vec::new(),
+            computed: 0,
+            cache_hits: 0,
         };
+        for e in experts {
+            s.open_expert(e)?;
+        }
         s.set_mixture(weights)?;
         Ok(s)
+    }
+
+    /// Opens an expert's pack: checked against the base, checked for an absurd scale, and its
+    /// mask generated once — every mixture then scatters kept values at cached indices (4
+    /// bytes per kept value) instead of regenerating masks. The expert gets weight 0.
+    fn open_expert(&mut self, expert: Expert) -> Result<()> {
+        if let Some(other) = self.experts.iter().find(|o| o.name == expert.name) {
+            return Err(RuntimeError::DuplicateExpert {
+                name: other.name.clone(),
+            });
+        }
+        if self.base_fingerprint.is_none() {
+            self.base_fingerprint = Some(fingerprint(self.base.as_ref())?);
+        }
+        let fp = self.base_fingerprint.as_deref().unwrap_or("");
+        let mut pack = DeltaPack::open(&expert.path)?;
+        pack.check_base(self.base.as_ref(), fp)?;
+        self.warnings.extend(pack.scale_warnings(self.base.as_ref())?);
+        let base = self.base.clone();
+        self.index_bytes +=
+            with_threads(self.threads, || pack.cache_kept_indices(base.as_ref()))?;
+        self.packs.push(Arc::new(pack));
+        self.experts.push(expert);
+        if self.weights.len() < self.experts.len() {
+            self.weights.push(0.0);
+        }
+        Ok(())
+    }
+
+    /// Adds an expert with weight 0 (the current mixture is unchanged). Its pack is checked
+    /// against the base like those the session opened with.
+    pub fn add_expert(&mut self, expert: Expert) -> Result<()> {
+        self.open_expert(expert)
+    }
+
+    /// Removes expert `name`; if the current mixture uses it, the session first switches to
+    /// the mixture without it. Cached mixtures that used it are dropped.
+    pub fn remove_expert(&mut self, name: &str) -> Result<Option<SwitchReport>> {
+        let i = self.expert_index(name)?;
+        let mut switched = None;
+        if self.weights[i] != 0.0 {
+            let mut w = self.weights.clone();
+            w[i] = 0.0;
+            switched = Some(self.set_mixture_with(&w, self.current_method)?);
+        }
+        let id = pack_id(&self.packs[i]);
+        self.cache.retain(|c| !c.0.contains(&id));
+        self.index_bytes = self.index_bytes.saturating_sub(self.packs[i].kept_index_bytes());
+        self.experts.remove(i);
+        self.packs.remove(i);
+        self.weights.remove(i);
+        Ok(switched)
+    }
+
+    fn expert_index(&self, name: &str) -> Result<usize> {
+        self.experts
+            .iter()
+            .position(|e| e.name == name)
+            .ok_or_else(|| RuntimeError::UnknownExpert {
+                name: name.into(),
+                known: self
+                    .experts
+                    .iter()
+                    .map(|e| e.name.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            })
+    }
+
+    /// A key for mixture `weights` combined with `method` that depends only on content: the
+    /// method and, per expert with a non-zero weight, its pack's checksum and the weight. Two
+    /// sessions (or one, before and after reloading a pack) give the same key for the same
+    /// weights only if the packs are the same bytes.
+    pub fn mixture_key(&self, weights: &[f64], method: Method) -> String {
+        let mut parts: Vec<String> = self
+            .packs
+            .iter()
+            .zip(weights)
+            .filter(|(_, &w)| w != 0.0)
+            .map(|(p, w)| format!("{}={:016x}", pack_id(p), w.to_bits()))
+            .collect();
+        parts.sort();
+        if parts.is_empty() {
+            return "base".into();
+        }
+        format!("{}:{}", method.name(), parts.join(","))
+    }
+
+    /// The key of the current mixture ([`ExpertSession::mixture_key`]).
+    pub fn current_key(&self) -> String {
+        self.mixture_key(&self.weights, self.current_method)
+    }
+
+    /// How the current mixture combines the deltas.
+    pub fn method(&self) -> Method {
+        self.current_method
+    }
+
+    /// Switches that computed their tensors, and switches served from the cache.
+    pub fn switch_counts(&self) -> (u64, u64) {
+        (self.computed, self.cache_hits)
     }
 
     /// The llama.cpp session (generate, perplexity, logits).
@@ -180,8 +279,8 @@ impl<'m> ExpertSession<'m> {
     /// Computes a mixture's changed tensors with the merge engine (the bytes `apply` writes),
     /// over the base and packs this session keeps open (their kept indices cached, checked
     /// against the base once when the session opened them).
-    fn compute(&self, weights: &[f64]) -> Result<TensorBytes> {
-        let mut config = MergeConfig::new(self.method, ConfigSource::Cli);
+    fn compute(&self, weights: &[f64], method: Method) -> Result<TensorBytes> {
+        let mut config = MergeConfig::new(method, ConfigSource::Cli);
         config.base_model = Some(self.base_path.display().to_string());
         let mut models = Vec::new();
         for ((e, &w), pack) in self.experts.iter().zip(weights).zip(&self.packs) {
@@ -216,10 +315,22 @@ impl<'m> ExpertSession<'m> {
         Ok(Arc::new(out))
     }
 
-    /// Switches to the mixture `weights` (one per expert): rewrites every tensor the new or the
-    /// previous mixture changes and clears the KV cache.
+    /// Switches to the mixture `weights` (one per expert), combined with the session's
+    /// method: rewrites every tensor the new or the previous mixture changes and clears the KV
+    /// cache.
     pub fn set_mixture(&mut self, weights: &[f64]) -> Result<SwitchReport> {
+        self.set_mixture_with(weights, self.method)
+    }
+
+    /// [`ExpertSession::set_mixture`] with the deltas combined by `method` (one of
+    /// [`Method::COMBINING_PACKS`]). Switching to the current mixture does nothing.
+    pub fn set_mixture_with(&mut self, weights: &[f64], method: Method) -> Result<SwitchReport> {
         let started = Instant::now();
+        if !method.combines_packs() {
+            return Err(RuntimeError::Method {
+                method: method.name(),
+            });
+        }
         if weights.len() != self.experts.len() {
             return Err(RuntimeError::WeightCount {
                 given: weights.len(),
@@ -237,16 +348,25 @@ impl<'m> ExpertSession<'m> {
                 value: format!("{w:?}"),
             });
         }
-        let key = mixture_key(weights);
+        let key = self.mixture_key(weights, method);
+        if !self.weights.is_empty() && key == self.current_key() && self.weights == weights {
+            return Ok(SwitchReport {
+                tensors: 0,
+                cached: true,
+                seconds: started.elapsed().as_secs_f64(),
+            });
+        }
         let (tensors, cached) = match self.cache.iter().position(|c| c.0 == key) {
             Some(i) => {
                 let entry = self.cache.remove(i);
                 let t = entry.1.clone();
                 self.cache.push(entry);
+                self.cache_hits += 1;
                 (t, true)
             }
             None => {
-                let t = self.compute(weights)?;
+                let t = self.compute(weights, method)?;
+                self.computed += 1;
                 let size: u64 = t.iter().map(|(_, b)| b.len() as u64).sum();
                 if size <= self.cache_budget {
                     self.cache.push((key, t.clone(), size));
@@ -274,6 +394,7 @@ impl<'m> ExpertSession<'m> {
         self.session.clear_memory();
         self.applied = new;
         self.weights = weights.to_vec();
+        self.current_method = method;
         Ok(SwitchReport {
             tensors: written,
             cached,
@@ -289,17 +410,7 @@ impl<'m> ExpertSession<'m> {
             let (name, value) = part
                 .split_once('=')
                 .ok_or_else(|| RuntimeError::MixtureSyntax { part: part.into() })?;
-            let i = self
-                .experts
-                .iter()
-                .position(|e| e.name == name)
-                .ok_or_else(|| {
-                    let known: Vec<&str> = self.experts.iter().map(|e| e.name.as_str()).collect();
-                    RuntimeError::UnknownExpert {
-                        name: name.into(),
-                        known: known.join(", "),
-                    }
-                })?;
+            let i = self.expert_index(name)?;
             let v: f64 = value
                 .parse()
                 .ok()

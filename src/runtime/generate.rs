@@ -56,6 +56,8 @@ pub enum StopReason {
     Length,
     /// The context is full.
     ContextFull,
+    /// The caller's callback asked to stop (a stop string, a client that went away).
+    Stopped,
 }
 
 /// The result of [`Session::generate`].
@@ -67,6 +69,9 @@ pub struct Generation {
     pub tokens: Vec<Token>,
     /// Tokens in the prompt (after the chat template).
     pub n_prompt: usize,
+    /// Prompt tokens whose keys and values were kept from the previous completion (not
+    /// decoded again); 0 for [`Session::generate`].
+    pub n_cached: usize,
     /// Why it stopped.
     pub stop: StopReason,
 }
@@ -194,6 +199,32 @@ impl Utf8Stream {
     }
 }
 
+impl super::Model {
+    /// The tokens of a prompt as `generate` decodes it: tokenized with BOS and special tokens,
+    /// or with `chat` first wrapped as one user message in the model's chat template.
+    pub fn prompt_tokens(&self, prompt: &str, chat: bool) -> Result<Vec<Token>> {
+        if chat {
+            return self.chat_tokens(&[ChatMessage::new("user", prompt)]);
+        }
+        self.tokenize(prompt, true, true)
+    }
+
+    /// The tokens of a conversation rendered with the model's chat template, ready for the
+    /// assistant's answer.
+    pub fn chat_tokens(&self, messages: &[ChatMessage]) -> Result<Vec<Token>> {
+        let text = self.apply_chat_template(messages, true)?;
+        let mut t = self.tokenize(&text, true, true)?;
+        // A template that writes BOS itself (Gemma's `<bos>`) plus add_special's BOS would
+        // give two: keep one.
+        if let Some(bos) = self.bos() {
+            if t.len() >= 2 && t[0] == bos && t[1] == bos {
+                t.remove(0);
+            }
+        }
+        Ok(t)
+    }
+}
+
 impl Session<'_> {
     /// Generates a continuation of `prompt` (see [`GenerateOptions`]); starts from an empty
     /// memory.
@@ -209,33 +240,62 @@ impl Session<'_> {
         opts: &GenerateOptions,
         mut on_text: impl FnMut(&str),
     ) -> Result<Generation> {
+        let tokens = self.model.prompt_tokens(prompt, opts.chat)?;
+        self.clear_memory();
+        self.complete(&tokens, opts, &mut |piece| {
+            on_text(piece);
+            true
+        })
+    }
+
+    /// Generates a continuation of the prompt `tokens`, reusing the keys and values of the
+    /// longest prefix it shares with what the memory holds from the previous completion (a
+    /// follow-up chat turn decodes only what is new). `on_text` gets each piece of text as soon
+    /// as it is complete UTF-8 and returns whether to go on ([`StopReason::Stopped`] when
+    /// not). The memory must be cleared by the caller whenever the weights change (an expert
+    /// session does it on every switch).
+    ///
+    /// Decoding a prompt in other batches than before can change the last bits of the logits,
+    /// so a reused prefix gives the same greedy text as a fresh decode in practice, not by
+    /// construction.
+    pub fn complete(
+        &mut self,
+        tokens: &[Token],
+        opts: &GenerateOptions,
+        on_text: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<Generation> {
         let model = self.model;
         let sampler = Sampler::new(opts)?;
-        let tokens = if opts.chat {
-            let text = model.apply_chat_template(&[ChatMessage::new("user", prompt)], true)?;
-            let mut t = model.tokenize(&text, true, true)?;
-            // A template that writes BOS itself (Gemma's `<bos>`) plus add_special's BOS
-            // would give two: keep one.
-            if let Some(bos) = model.bos() {
-                if t.len() >= 2 && t[0] == bos && t[1] == bos {
-                    t.remove(0);
-                }
-            }
-            t
-        } else {
-            model.tokenize(prompt, true, true)?
-        };
         if tokens.is_empty() {
             return Err(RuntimeError::Tokenize("the prompt has no tokens".into()));
         }
         self.check_fits(tokens.len())?;
-        self.clear_memory();
-        self.decode_sequence(&tokens, 0)?;
+        // Keep the common prefix, but decode at least the last prompt token (its logits give
+        // the first sampled token).
+        let shared = self
+            .kv_tokens
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(tokens.len() - 1);
+        let cached = if shared > 0 && self.ctx.forget_from(shared) {
+            self.kv_tokens.truncate(shared);
+            shared
+        } else {
+            self.clear_memory();
+            0
+        };
+        // Until the prompt is decoded the memory's content is not known exactly.
+        self.kv_tokens.clear();
+        self.decode_sequence(&tokens[cached..], cached)?;
+        self.kv_tokens.extend_from_slice(tokens);
 
         let mut out = Generation {
             text: String::new(),
             tokens: Vec::new(),
             n_prompt: tokens.len(),
+            n_cached: cached,
             stop: StopReason::Length,
         };
         let mut utf8 = Utf8Stream::default();
@@ -252,8 +312,11 @@ impl Session<'_> {
             out.tokens.push(tok);
             let piece = utf8.push(&model.token_to_piece(tok, true));
             if !piece.is_empty() {
-                on_text(&piece);
                 out.text.push_str(&piece);
+                if !on_text(&piece) {
+                    out.stop = StopReason::Stopped;
+                    break;
+                }
             }
             if out.tokens.len() == opts.n_predict {
                 break;
@@ -264,13 +327,17 @@ impl Session<'_> {
             }
             batch.clear();
             batch.push(tok, pos as i32, true);
-            self.ctx.decode(&batch)?;
+            if let Err(e) = self.ctx.decode(&batch) {
+                self.kv_tokens.clear();
+                return Err(e);
+            }
+            self.kv_tokens.push(tok);
             pos += 1;
         }
         let rest = utf8.finish();
-        if !rest.is_empty() {
-            on_text(&rest);
+        if !rest.is_empty() && out.stop != StopReason::Stopped {
             out.text.push_str(&rest);
+            on_text(&rest);
         }
         Ok(out)
     }

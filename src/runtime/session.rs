@@ -64,6 +64,10 @@ pub struct Session<'m> {
     pub(super) model: &'m Model,
     pub(super) n_ctx: u32,
     pub(super) n_batch: u32,
+    /// The tokens whose keys and values the memory holds, from position 0, as far as
+    /// [`Session::complete`] knows (every other path clears the memory first and leaves this
+    /// empty, which only costs a prefix that could have been reused).
+    pub(super) kv_tokens: Vec<Token>,
 }
 
 impl std::fmt::Debug for Session<'_> {
@@ -101,6 +105,7 @@ impl<'m> Session<'m> {
             model,
             n_ctx,
             n_batch,
+            kv_tokens: Vec::new(),
         })
     }
 
@@ -122,6 +127,7 @@ impl<'m> Session<'m> {
     /// Forgets everything decoded so far (KV cache included: `llama_memory_clear`).
     pub fn clear_memory(&mut self) {
         self.ctx.clear_memory();
+        self.kv_tokens.clear();
     }
 
     /// Overwrites the whole weight tensor `name` with `bytes` (see [`Session::write_weight`]),
