@@ -166,9 +166,9 @@ pub fn combine(
     weights: &[f32],
     out: &mut [f32],
 ) -> bool {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    if super::simd::use_avx2() {
-        let (done, in_range) = avx2::combine(c, base, deltas, weights, out);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(cpu) = super::simd::Avx2::get() {
+        let (done, in_range) = avx2::combine(cpu, c, base, deltas, weights, out);
         combine_blocks(c, base, deltas, weights, done, &mut out[done..]);
         return in_range && all_in_range(&out[done..]);
     }
@@ -190,7 +190,7 @@ pub fn all_in_range(x: &[f32]) -> bool {
     }) == 0
 }
 
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 
 /// The divisor of a normalized merge without consensus, the same for every element: Σ wᵢ from
@@ -486,7 +486,7 @@ mod tests {
             let mut fast = vec![f32::NAN; n];
             let mut slow = vec![f32::NAN; n];
             combine_scalar(c, &base, &deltas, &weights, &mut slow);
-            // The AVX2 kernel where built, and the portable one.
+            // The AVX2 kernel where the CPU has AVX2, and the portable one.
             for portable in [false, true] {
                 with_portable(portable, || combine(c, &base, &deltas, &weights, &mut fast));
                 prop_assert!(

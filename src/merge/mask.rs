@@ -37,13 +37,16 @@
 //! and threading live in the merge methods that call these.
 //!
 //! The slice kernels compute Philox for 16 consecutive blocks at once, lane-wise: with
-//! explicit AVX2 instructions where the build enables AVX2 (submodule `avx2`, about 2.2–2.5× faster
-//! on [`dare_in_place`]), else a portable loop the compiler vectorizes. The scalar
-//! [`philox4x32_10`] is the reference both are tested against.
+//! explicit AVX2 instructions where the CPU has AVX2 (submodule `avx2`, chosen at run time,
+//! about 2.2–2.5× faster on [`dare_in_place`]), else a portable loop the compiler vectorizes.
+//! The scalar [`philox4x32_10`] is the reference both are tested against.
 //!
 //! Every function is total: no input makes it panic. Element indices are taken modulo 2⁶⁴
 //! (so `start + len` may wrap), densities and probabilities outside `(0, 1]` are clamped
 //! (≥ 1 keeps everything, ≤ 0 or NaN drops everything).
+
+#[cfg(target_arch = "x86_64")]
+use super::simd::Avx2;
 
 /// Philox4x32 round multiplier for counter word 0 (Random123 `PHILOX_M4x32_0`).
 const PHILOX_M4X32_0: u32 = 0xD251_1F53;
@@ -182,16 +185,16 @@ const BATCH: usize = 4 * LANES;
 /// draw of element `4(k + j) + w`.
 type Lanes = [[u32; LANES]; 4];
 
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 
 /// The draws of the [`LANES`] consecutive blocks `k, k+1, …` (block numbers modulo 2⁶²): the
-/// AVX2 kernel where the build has it and the batch allows it, else [`philox_lanes_portable`].
+/// AVX2 kernel where the CPU has it and the batch allows it, else [`philox_lanes_portable`].
 #[inline(always)]
 fn philox_lanes(key: &MaskKey, k: u64) -> Lanes {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    if avx2::uniform_high_word(k) {
-        return avx2::philox_lanes(key, k);
+    #[cfg(target_arch = "x86_64")]
+    if let (Some(cpu), true) = (Avx2::get(), avx2::uniform_high_word(k)) {
+        return avx2::philox_lanes(cpu, key, k);
     }
     philox_lanes_portable(key, k)
 }
@@ -313,8 +316,9 @@ pub fn draws(key: &MaskKey, start: u64, out: &mut [u32]) {
 /// `start..start + values.len()`) and returns the sum of what `apply` returned (the number
 /// kept, or of non-zero results: whatever the caller counts).
 ///
-/// Whole batches go through `batch(k, values)` (the 64 elements of blocks `k..k + 16`), which
-/// must do the same as `apply` on each and return the same sum: [`apply_lanes`], or a kernel
+/// Whole batches go through `batches(k, values)` (consecutive batches of 64 elements, the
+/// first at block `k`, block numbers modulo 2⁶²), which must do the same as `apply` on each
+/// and return the same sum: [`apply_lanes`] on each through [`each_batch`], or a kernel
 /// specialised for one `apply`.
 ///
 /// Written out rather than through [`for_each_batch`]: with the batch loop and the compare in
@@ -327,7 +331,7 @@ fn threshold_each<T>(
     start: u64,
     values: &mut [T],
     apply: impl Fn(&mut T, bool) -> u32,
-    batch: impl Fn(u64, &mut [T; BATCH]) -> u32,
+    batches: impl FnOnce(u64, &mut [[T; BATCH]]) -> u64,
 ) -> u64 {
     let len = values.len();
     // Unaligned head up to the next block boundary.
@@ -343,14 +347,12 @@ fn threshold_each<T>(
         let from = (start & 3) as usize;
         piece(0, &d[from..from + head], values);
     }
-    let mut k = (start.wrapping_add(head as u64) >> 2) & BLOCK_MASK;
+    let k = (start.wrapping_add(head as u64) >> 2) & BLOCK_MASK;
     let (body, tail) = values[head..].split_at_mut((len - head) / BATCH * BATCH);
-    let mut batch_kept = 0u64;
-    let (batches, _) = body.as_chunks_mut::<BATCH>();
-    for v in batches {
-        batch_kept += u64::from(batch(k, v));
-        k = k.wrapping_add(LANES as u64) & BLOCK_MASK;
-    }
+    let (whole, _) = body.as_chunks_mut::<BATCH>();
+    let n = whole.len() as u64;
+    let batch_kept = batches(k, whole);
+    let mut k = k.wrapping_add(n * LANES as u64) & BLOCK_MASK;
     let mut pos = 0;
     while pos < tail.len() {
         let d = block_draws(key, k);
@@ -360,6 +362,22 @@ fn threshold_each<T>(
         k = (k + 1) & BLOCK_MASK;
     }
     kept + batch_kept
+}
+
+/// Runs `batch(k, values)` on consecutive batches, the first at block `k` (block numbers modulo
+/// 2⁶²), and returns the sum of what it returned.
+#[inline(always)]
+fn each_batch<T>(
+    mut k: u64,
+    batches: &mut [[T; BATCH]],
+    mut batch: impl FnMut(u64, &mut [T; BATCH]) -> u32,
+) -> u64 {
+    let mut sum = 0u64;
+    for v in batches {
+        sum += u64::from(batch(k, v));
+        k = k.wrapping_add(LANES as u64) & BLOCK_MASK;
+    }
+    sum
 }
 
 /// The generic batch step of [`threshold_each`]: `apply(value, draw < threshold)` on the 64
@@ -436,12 +454,13 @@ fn dare<const NONZEROS: bool>(
         *v = if keep { *v * scale } else { 0.0 };
         count(*v, keep)
     };
-    threshold_each(key, threshold, start, values, apply, |k, batch| {
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-        if avx2::uniform_high_word(k) {
-            return avx2::dare_batch::<NONZEROS>(key, threshold, k, batch, scale);
+    let portable = |k, batch: &mut _| apply_lanes(key, threshold, k, batch, &apply);
+    threshold_each(key, threshold, start, values, apply, |k, batches| {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(cpu) = Avx2::get() {
+            return avx2::dare::<NONZEROS>(cpu, key, threshold, k, batches, scale, portable);
         }
-        apply_lanes(key, threshold, k, batch, &apply)
+        each_batch(k, batches, portable)
     })
 }
 
@@ -463,8 +482,10 @@ pub fn keep_mask(key: &MaskKey, density: f64, start: u64, out: &mut [bool]) -> u
         *o = keep;
         u32::from(keep)
     };
-    threshold_each(key, threshold, start, out, apply, |k, batch| {
-        apply_lanes(key, threshold, k, batch, &apply)
+    threshold_each(key, threshold, start, out, apply, |k, batches| {
+        each_batch(k, batches, |k, batch| {
+            apply_lanes(key, threshold, k, batch, &apply)
+        })
     })
 }
 
@@ -490,7 +511,11 @@ pub fn keep_with_probability(key: &MaskKey, start: u64, probs: &[f32], out: &mut
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::merge::simd::with_portable;
     use proptest::prelude::*;
+
+    /// Both batch paths: the AVX2 kernel where the CPU has AVX2 (`false`), the portable loop.
+    const PATHS: [bool; 2] = [false, true];
 
     /// Known-answer vectors for philox4x32 10 from Random123 `tests/kat_vectors`
     /// (github.com/DEShawResearch/random123, commit 9545ff6413f258be2f04c1d319d99aaef7521150):
@@ -667,17 +692,20 @@ mod tests {
             for offset in [0u64, 4, 36, 60, 64, 3] {
                 let start = edge - 256 + offset;
                 let values = test_values(700, offset);
-                let mut got = values.clone();
                 let mut want = values.clone();
-                let kg = dare_in_place(&key, 0.3, start, &mut got, 3.0);
                 let kw = dare_ref(&key, 0.3, start, &mut want, 3.0);
-                assert_eq!(kg, kw, "start {start}");
-                assert!(
-                    got.iter()
-                        .zip(&want)
-                        .all(|(a, b)| a.to_bits() == b.to_bits()),
-                    "start {start}"
-                );
+                for portable in PATHS {
+                    let mut got = values.clone();
+                    let kg =
+                        with_portable(portable, || dare_in_place(&key, 0.3, start, &mut got, 3.0));
+                    assert_eq!(kg, kw, "start {start} portable {portable}");
+                    assert!(
+                        got.iter()
+                            .zip(&want)
+                            .all(|(a, b)| a.to_bits() == b.to_bits()),
+                        "start {start} portable {portable}"
+                    );
+                }
             }
         }
     }
@@ -735,11 +763,16 @@ mod tests {
         for density in [0.0, 0.01, 0.1, 0.5, 0.9, 1.0] {
             for start in [0u64, 1, 6, 1_000_003] {
                 let v0 = test_values(257, start);
-                let (mut a, mut b) = (v0.clone(), v0);
-                let ka = dare_in_place(&key, density, start, &mut a, 3.0);
+                let mut b = v0.clone();
                 let kb = dare_ref(&key, density, start, &mut b, 3.0);
-                assert_eq!(ka, kb);
-                assert_eq!(a, b);
+                for portable in PATHS {
+                    let mut a = v0.clone();
+                    let ka = with_portable(portable, || {
+                        dare_in_place(&key, density, start, &mut a, 3.0)
+                    });
+                    assert_eq!(ka, kb, "portable {portable}");
+                    assert_eq!(a, b, "portable {portable}");
+                }
             }
         }
     }
@@ -754,11 +787,16 @@ mod tests {
                 for v in v0.iter_mut().step_by(7) {
                     *v = 0.0;
                 }
-                let (mut a, mut b) = (v0.clone(), v0);
-                let nonzero = dare_in_place_nonzeros(&key, density, start, &mut a, 2.5);
+                let mut b = v0.clone();
                 dare_ref(&key, density, start, &mut b, 2.5);
-                assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
-                assert_eq!(nonzero, b.iter().filter(|v| **v != 0.0).count() as u64);
+                for portable in PATHS {
+                    let mut a = v0.clone();
+                    let nonzero = with_portable(portable, || {
+                        dare_in_place_nonzeros(&key, density, start, &mut a, 2.5)
+                    });
+                    assert!(a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits()));
+                    assert_eq!(nonzero, b.iter().filter(|v| **v != 0.0).count() as u64);
+                }
             }
         }
     }

@@ -16,11 +16,11 @@ const LANES: usize = 16;
 /// blocks, except the last).
 pub const BLOCK: usize = 256;
 
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
+#[cfg(target_arch = "x86_64")]
 mod avx2;
 
-#[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-use super::simd::use_avx2;
+#[cfg(target_arch = "x86_64")]
+use super::simd::Avx2;
 
 /// Sums lanes in order.
 #[inline(always)]
@@ -82,9 +82,9 @@ impl DeltaMeasure {
 /// The number of exactly-zero elements of whole groups and their squares' `f32` lane sums.
 #[inline]
 fn zeros_and_squares(groups: &[[f32; LANES]]) -> (u64, [f32; LANES]) {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    if use_avx2() {
-        return avx2::zeros_and_squares(groups);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(cpu) = Avx2::get() {
+        return avx2::zeros_and_squares(cpu, groups);
     }
     let mut zeros = [0u32; LANES];
     let mut sums = [0f32; LANES];
@@ -106,9 +106,9 @@ pub fn nonzeros(x: &[f32]) -> u64 {
 /// [`nonzeros`] over whole groups.
 #[inline]
 fn nonzero_groups(groups: &[[f32; LANES]]) -> u64 {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    if use_avx2() {
-        return avx2::nonzeros(groups);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(cpu) = Avx2::get() {
+        return avx2::nonzeros(cpu, groups);
     }
     let mut count = [0u32; LANES];
     for g in groups {
@@ -172,9 +172,9 @@ fn retention_groups(
     o: &[[f32; LANES]],
     b: &[[f32; LANES]],
 ) -> ([f32; LANES], [f32; LANES]) {
-    #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-    if use_avx2() {
-        return avx2::retention_groups(q, o, b);
+    #[cfg(target_arch = "x86_64")]
+    if let Some(cpu) = Avx2::get() {
+        return avx2::retention_groups(cpu, q, o, b);
     }
     let mut num = [0f32; LANES];
     let mut den = [0f32; LANES];
@@ -199,11 +199,13 @@ pub fn block_range_sumsq(x: &[f32], block: usize, every: usize) -> (f64, u64) {
     }
     let mut sum = 0f64;
     let mut blocks = 0u64;
+    #[cfg(target_arch = "x86_64")]
+    let cpu = Avx2::get();
     for blk in x.chunks(block).step_by(every.max(1)) {
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-        if use_avx2() {
+        #[cfg(target_arch = "x86_64")]
+        if let Some(cpu) = cpu {
             if let (eights, []) = blk.as_chunks::<8>() {
-                let (lo, hi) = avx2::block_min_max(eights);
+                let (lo, hi) = avx2::block_min_max(cpu, eights);
                 sum += f64::from(hi - lo).powi(2);
                 blocks += 1;
                 continue;
@@ -251,16 +253,19 @@ pub fn subtract_measured(
         .zip(out[..n].chunks_mut(BLOCK))
         .enumerate()
     {
-        #[cfg(all(target_arch = "x86_64", target_feature = "avx2"))]
-        if let (Some(m), true, ([.., _], [])) = (
+        #[cfg(target_arch = "x86_64")]
+        if let (Some(m), Some(cpu), ([.., _], [])) = (
             measure.as_deref_mut(),
-            use_avx2(),
+            Avx2::get(),
             part.as_chunks::<LANES>(),
         ) {
             // Checks as it goes; on a non-finite value, find it below.
-            if let Some((zeros, sums)) =
-                avx2::subtract_measured(part.as_chunks().0, b.as_chunks().0, o.as_chunks_mut().0)
-            {
+            if let Some((zeros, sums)) = avx2::subtract_measured(
+                cpu,
+                part.as_chunks().0,
+                b.as_chunks().0,
+                o.as_chunks_mut().0,
+            ) {
                 m.zeros += zeros;
                 widen_into(&mut m.sumsq, sums);
                 continue;

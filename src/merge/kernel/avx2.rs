@@ -1,24 +1,26 @@
-//! [`combine`](super::combine) with explicit AVX2 instructions, for builds where AVX2 is enabled
-//! at compile time: groups of 8 elements computed start to finish in registers — the TIES vote,
-//! the agreeing sum and weight, the output — with the model loop inside.
+//! [`combine`](super::combine) with explicit AVX2 instructions, run where the CPU has AVX2
+//! (detected at run time, see [`crate::merge::simd`]): groups of 8 elements computed start to
+//! finish in registers — the TIES vote, the agreeing sum and weight, the output — with the
+//! model loop inside.
 //!
 //! The portable version makes one pass per step over blocks of 512 elements through stack
 //! buffers (the compiler vectorizes each pass; written per element, it would not). Each element
 //! still sees the same IEEE operations in the same order as the scalar reference (a product,
 //! then a sum; no fused multiply-add), so the results are bit-identical — the parent module's
-//! property tests compare both with the reference. Intrinsics come from `safe_arch`, whose
-//! functions are safe, so there is no `unsafe` here.
+//! property tests compare both with the reference. The bodies are `#[target_feature(enable =
+//! "avx2")]` functions with `core::arch` intrinsics (safe to call there); registers go to and
+//! from `[f32; 8]` with `bytemuck::cast`, so the only `unsafe` is the call of the body from
+//! [`combine`], which takes an [`Avx2`] proof.
 
-use core::arch::x86_64::{_CMP_EQ_OQ, _CMP_GE_OQ, _CMP_GT_OQ, _CMP_NEQ_UQ};
-
-use safe_arch::{
-    add_m256, bitand_m256, bitand_m256i, bitandnot_m256, bitor_m256, bitxor_m256,
-    blend_varying_m256, cast_to_m256_from_m256i, cast_to_m256i_from_m256, cmp_gt_mask_i32_m256i,
-    cmp_op_mask_m256, div_m256, load_unaligned_m256, m256, move_mask_m256, mul_m256,
-    set_splat_i32_m256i, set_splat_m256, zeroed_m256,
+use core::arch::x86_64::{
+    __m256, _mm256_add_ps, _mm256_and_ps, _mm256_and_si256, _mm256_andnot_ps, _mm256_blendv_ps,
+    _mm256_castps_si256, _mm256_castsi256_ps, _mm256_cmp_ps, _mm256_cmpgt_epi32, _mm256_div_ps,
+    _mm256_movemask_ps, _mm256_mul_ps, _mm256_or_ps, _mm256_set1_epi32, _mm256_set1_ps,
+    _mm256_setzero_ps, _mm256_xor_ps, _CMP_EQ_OQ, _CMP_GE_OQ, _CMP_GT_OQ, _CMP_NEQ_UQ,
 };
 
 use super::Combine;
+use crate::merge::simd::Avx2;
 
 /// Elements per register.
 const GROUP: usize = 8;
@@ -27,6 +29,21 @@ const GROUP: usize = 8;
 /// meaning) and returns how many elements it wrote (the caller finishes the rest) and whether
 /// they are all within [`super::RANGE_LIMIT`].
 pub(super) fn combine(
+    _: Avx2,
+    c: Combine,
+    base: &[f32],
+    deltas: &[Vec<f32>],
+    weights: &[f32],
+    out: &mut [f32],
+) -> (usize, bool) {
+    // SAFETY: the body's one precondition is its target features (AVX2), which the
+    // `Avx2` proof guarantees the CPU has; it touches memory only through safe references.
+    unsafe { combine_avx2(c, base, deltas, weights, out) }
+}
+
+/// The body of [`combine`].
+#[target_feature(enable = "avx2")]
+fn combine_avx2(
     c: Combine,
     base: &[f32],
     deltas: &[Vec<f32>],
@@ -43,21 +60,29 @@ pub(super) fn combine(
     }
 }
 
+/// A group of 8 as a register (an unaligned load).
+#[inline(always)]
+fn register(g: &[f32; GROUP]) -> __m256 {
+    bytemuck::cast(*g)
+}
+
 /// The shared constants of a combine.
 struct Consts {
-    zero: m256,
-    one: m256,
-    lambda: m256,
-    wsum: m256,
+    zero: __m256,
+    one: __m256,
+    lambda: __m256,
+    wsum: __m256,
 }
 
 impl Consts {
+    #[target_feature(enable = "avx2")]
+    #[inline]
     fn new(c: Combine, weights: &[f32]) -> Consts {
         Consts {
-            zero: zeroed_m256(),
-            one: set_splat_m256(1.0),
-            lambda: set_splat_m256(c.lambda),
-            wsum: set_splat_m256(super::weight_sum(weights)),
+            zero: _mm256_setzero_ps(),
+            one: _mm256_set1_ps(1.0),
+            lambda: _mm256_set1_ps(c.lambda),
+            wsum: _mm256_set1_ps(super::weight_sum(weights)),
         }
     }
 }
@@ -65,50 +90,58 @@ impl Consts {
 /// All-ones lanes where `v` is out of [`super::RANGE_LIMIT`]'s range: NaN, infinite, or larger
 /// in magnitude (the bits of |v|, compared as integers, order like the values; NaN and ±Inf
 /// have the largest).
-#[inline(always)]
-fn out_of_range(v: m256) -> m256 {
-    let abs = bitand_m256i(cast_to_m256i_from_m256(v), set_splat_i32_m256i(0x7fff_ffff));
-    let limit = set_splat_i32_m256i(super::RANGE_LIMIT.to_bits() as i32);
-    cast_to_m256_from_m256i(cmp_gt_mask_i32_m256i(abs, limit))
+#[target_feature(enable = "avx2")]
+#[inline]
+fn out_of_range(v: __m256) -> __m256 {
+    let abs = _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(0x7fff_ffff));
+    let limit = _mm256_set1_epi32(super::RANGE_LIMIT.to_bits() as i32);
+    _mm256_castsi256_ps(_mm256_cmpgt_epi32(abs, limit))
 }
 
 /// One group's output from its weighted deltas `x[i] = wᵢ·δᵢ` (in model order) and weights.
-#[inline(always)]
-fn mix(c: Combine, k: &Consts, x: &[m256], w: &[m256], b: m256) -> m256 {
+#[target_feature(enable = "avx2")]
+#[inline]
+fn mix(c: Combine, k: &Consts, x: &[__m256], w: &[__m256], b: __m256) -> __m256 {
     let (sum, div) = if c.consensus {
         // The sign vote s = Σ wᵢ·δᵢ (ties positive), then the sum and weight of the non-zero
         // terms agreeing with it.
         let mut vote = k.zero;
         for &x in x {
-            vote = add_m256(vote, x);
+            vote = _mm256_add_ps(vote, x);
         }
-        let positive_vote = cmp_op_mask_m256::<_CMP_GE_OQ>(vote, k.zero);
+        let positive_vote = _mm256_cmp_ps::<_CMP_GE_OQ>(vote, k.zero);
         let (mut sum, mut div) = (k.zero, k.zero);
         for (&x, &w) in x.iter().zip(w) {
             // x != 0 (true for NaN, as in Rust) and (x > 0) == (s >= 0).
-            let nonzero = cmp_op_mask_m256::<_CMP_NEQ_UQ>(x, k.zero);
-            let positive = cmp_op_mask_m256::<_CMP_GT_OQ>(x, k.zero);
-            let agree = bitandnot_m256(bitxor_m256(positive, positive_vote), nonzero);
+            let nonzero = _mm256_cmp_ps::<_CMP_NEQ_UQ>(x, k.zero);
+            let positive = _mm256_cmp_ps::<_CMP_GT_OQ>(x, k.zero);
+            let agree = _mm256_andnot_ps(_mm256_xor_ps(positive, positive_vote), nonzero);
             // A disagreeing term adds +0, which leaves the sums' bits unchanged (they start
             // at +0 and are never −0; see the portable version).
-            sum = add_m256(sum, bitand_m256(agree, x));
-            div = add_m256(div, bitand_m256(agree, w));
+            sum = _mm256_add_ps(sum, _mm256_and_ps(agree, x));
+            div = _mm256_add_ps(div, _mm256_and_ps(agree, w));
         }
         // No agreeing weight: divide by 1.
-        let none = cmp_op_mask_m256::<_CMP_EQ_OQ>(div, k.zero);
-        (sum, blend_varying_m256(div, k.one, none))
+        let none = _mm256_cmp_ps::<_CMP_EQ_OQ>(div, k.zero);
+        (sum, _mm256_blendv_ps(div, k.one, none))
     } else {
         let mut sum = k.zero;
         for &x in x {
-            sum = add_m256(sum, x);
+            sum = _mm256_add_ps(sum, x);
         }
         (sum, k.wsum)
     };
-    let mixed = if c.normalize { div_m256(sum, div) } else { sum };
-    add_m256(b, mul_m256(k.lambda, mixed))
+    let mixed = if c.normalize {
+        _mm256_div_ps(sum, div)
+    } else {
+        sum
+    };
+    _mm256_add_ps(b, _mm256_mul_ps(k.lambda, mixed))
 }
 
 /// [`combine`] for exactly `M` models: the per-model values of a group stay in registers.
+#[target_feature(enable = "avx2")]
+#[inline]
 fn combine_fixed<const M: usize>(
     c: Combine,
     base: &[f32],
@@ -121,44 +154,50 @@ fn combine_fixed<const M: usize>(
     let n = groups.len();
     let d: [&[[f32; GROUP]]; M] =
         core::array::from_fn(|i| &deltas[i][..n * GROUP].as_chunks::<GROUP>().0[..n]);
-    let w: [m256; M] = core::array::from_fn(|i| set_splat_m256(weights[i]));
+    let w: [__m256; M] = core::array::from_fn(|i| _mm256_set1_ps(weights[i]));
     let base_groups = (!base.is_empty()).then(|| &base[..n * GROUP].as_chunks::<GROUP>().0[..n]);
-    let mut x = [k.zero; M];
-    let finite = groups_loop(c, &k, groups, base_groups, &w, &mut x, |x, g| {
-        for i in 0..M {
-            x[i] = mul_m256(w[i], load_unaligned_m256(&d[i][g]));
-        }
-    });
+    let finite = groups_loop(c, &k, groups, base_groups, &w, &d, [k.zero; M]);
     (n * GROUP, finite)
 }
 
-/// The group loop of both versions: `load(x, g)` fills the weighted deltas of group `g`; the
-/// output goes to `groups`. Returns whether every output is within [`super::RANGE_LIMIT`].
-#[inline(always)]
-fn groups_loop<X: AsMut<[m256]> + ?Sized>(
+/// The group loop of both versions: per group `g`, the weighted deltas `x[i] = w[i]·d[i][g]`
+/// (in the scratch registers `x`, one per model), then the output, written to `groups`. Returns
+/// whether every output is within [`super::RANGE_LIMIT`].
+///
+/// Generic over the containers — arrays of `M` from [`combine_fixed`], so that once inlined
+/// (one caller per instance) the model loops are unrolled and `x` stays in registers; no
+/// closure, since a closure is a function of its own that LLVM may leave out of line.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn groups_loop<'d, D: AsRef<[&'d [[f32; GROUP]]]>, X: AsMut<[__m256]>>(
     c: Combine,
     k: &Consts,
     groups: &mut [[f32; GROUP]],
     base_groups: Option<&[[f32; GROUP]]>,
-    w: &[m256],
-    x: &mut X,
-    mut load: impl FnMut(&mut X, usize),
+    w: &[__m256],
+    d: &D,
+    mut x: X,
 ) -> bool {
+    let (d, x) = (d.as_ref(), x.as_mut());
     let mut bad = k.zero;
     for (g, o) in groups.iter_mut().enumerate() {
-        load(x, g);
+        for ((x, w), d) in x.iter_mut().zip(w).zip(d) {
+            *x = _mm256_mul_ps(*w, register(&d[g]));
+        }
         let b = match base_groups {
-            Some(b) => load_unaligned_m256(&b[g]),
+            Some(b) => register(&b[g]),
             None => k.zero,
         };
-        let v = mix(c, k, x.as_mut(), w, b);
-        bad = bitor_m256(bad, out_of_range(v));
-        *o = v.into();
+        let v = mix(c, k, x, w, b);
+        bad = _mm256_or_ps(bad, out_of_range(v));
+        *o = bytemuck::cast(v);
     }
-    move_mask_m256(bad) == 0
+    _mm256_movemask_ps(bad) == 0
 }
 
 /// [`combine`] for any number of models.
+#[target_feature(enable = "avx2")]
+#[inline]
 fn combine_any(
     c: Combine,
     base: &[f32],
@@ -175,13 +214,8 @@ fn combine_any(
         .iter()
         .map(|d| &d[..n * GROUP].as_chunks::<GROUP>().0[..n])
         .collect();
-    let w: Vec<m256> = weights.iter().map(|&w| set_splat_m256(w)).collect();
+    let w: Vec<__m256> = weights.iter().map(|&w| _mm256_set1_ps(w)).collect();
     let base_groups = (!base.is_empty()).then(|| &base[..n * GROUP].as_chunks::<GROUP>().0[..n]);
-    let mut x = vec![k.zero; m];
-    let finite = groups_loop(c, &k, groups, base_groups, &w, &mut x, |x, g| {
-        for ((x, w), d) in x.iter_mut().zip(&w).zip(&d) {
-            *x = mul_m256(*w, load_unaligned_m256(&d[g]));
-        }
-    });
+    let finite = groups_loop(c, &k, groups, base_groups, &w, &d, vec![k.zero; m]);
     (n * GROUP, finite)
 }
