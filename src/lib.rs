@@ -47,6 +47,7 @@ pub mod merge;
 pub mod progress;
 pub mod quant;
 pub mod runtime;
+pub mod serve;
 pub mod threads;
 
 pub use error::{Error, Result};

@@ -22,7 +22,7 @@ fn all_methods() -> impl TypedValueParser<Value = Method> {
     methods(&Method::ALL)
 }
 
-fn pack_methods() -> impl TypedValueParser<Value = Method> {
+pub(super) fn pack_methods() -> impl TypedValueParser<Value = Method> {
     methods(&Method::COMBINING_PACKS)
 }
 
@@ -174,6 +174,8 @@ pub enum Command {
     Eval(EvalArgs),
     // Help text on the struct, in cli/finetune.rs.
     Finetune(super::finetune::FinetuneArgs),
+    // Help text on the struct, in cli/serve.rs.
+    Serve(super::serve::ServeArgs),
 }
 
 #[derive(Args, Debug, Clone)]

@@ -12,6 +12,7 @@ mod finetune;
 mod merge;
 mod print;
 mod run;
+mod serve;
 
 use std::io::Write;
 use std::process::ExitCode;
@@ -108,7 +109,10 @@ pub fn main() -> ExitCode {
         Ok(cli) => cli,
         Err(e) => e.exit(),
     };
-    handle_signals();
+    // The server shuts down gracefully on its own signals.
+    if !matches!(cli.command, Command::Serve(_)) {
+        handle_signals();
+    }
     match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -139,6 +143,7 @@ fn run(cli: Cli, matches: &clap::ArgMatches) -> anyhow::Result<()> {
         Command::Perplexity(a) => run::perplexity(&a),
         Command::Eval(a) => run::eval(&a),
         Command::Finetune(a) => finetune::run(&a),
+        Command::Serve(a) => serve::run(&a),
         Command::Apply(a) => merge::apply(&a),
         Command::Convert(a) => {
             let opts = ggmerge::ConvertOptions {

@@ -165,10 +165,10 @@ impl<'m> ExpertSession<'m> {
         let fp = self.base_fingerprint.as_deref().unwrap_or("");
         let mut pack = DeltaPack::open(&expert.path)?;
         pack.check_base(self.base.as_ref(), fp)?;
-        self.warnings.extend(pack.scale_warnings(self.base.as_ref())?);
+        self.warnings
+            .extend(pack.scale_warnings(self.base.as_ref())?);
         let base = self.base.clone();
-        self.index_bytes +=
-            with_threads(self.threads, || pack.cache_kept_indices(base.as_ref()))?;
+        self.index_bytes += with_threads(self.threads, || pack.cache_kept_indices(base.as_ref()))?;
         self.packs.push(Arc::new(pack));
         self.experts.push(expert);
         if self.weights.len() < self.experts.len() {
@@ -195,7 +195,9 @@ impl<'m> ExpertSession<'m> {
         }
         let id = pack_id(&self.packs[i]);
         self.cache.retain(|c| !c.0.contains(&id));
-        self.index_bytes = self.index_bytes.saturating_sub(self.packs[i].kept_index_bytes());
+        self.index_bytes = self
+            .index_bytes
+            .saturating_sub(self.packs[i].kept_index_bytes());
         self.experts.remove(i);
         self.packs.remove(i);
         self.weights.remove(i);
@@ -242,7 +244,7 @@ impl<'m> ExpertSession<'m> {
     }
 
     /// How the current mixture combines the deltas.
-    pub fn method(&self) -> Method {
+    pub fn current_method(&self) -> Method {
         self.current_method
     }
 
@@ -254,6 +256,16 @@ impl<'m> ExpertSession<'m> {
     /// The llama.cpp session (generate, perplexity, logits).
     pub fn session(&mut self) -> &mut Session<'m> {
         &mut self.session
+    }
+
+    /// The llama.cpp session, read-only (its context size …).
+    pub fn session_ref(&self) -> &Session<'m> {
+        &self.session
+    }
+
+    /// The experts' packs, in the experts' order.
+    pub fn packs(&self) -> &[Arc<DeltaPack>] {
+        &self.packs
     }
 
     /// What opening the packs found worth telling (packs of absurd scale).

@@ -248,6 +248,17 @@ impl Session<'_> {
         })
     }
 
+    /// How many leading tokens of `tokens` [`Session::complete`] would find in the memory and
+    /// not decode again (the shared prefix, all but the last prompt token at most).
+    pub fn shared_prefix(&self, tokens: &[Token]) -> usize {
+        self.kv_tokens
+            .iter()
+            .zip(tokens)
+            .take_while(|(a, b)| a == b)
+            .count()
+            .min(tokens.len().saturating_sub(1))
+    }
+
     /// Generates a continuation of the prompt `tokens`, reusing the keys and values of the
     /// longest prefix it shares with what the memory holds from the previous completion (a
     /// follow-up chat turn decodes only what is new). `on_text` gets each piece of text as soon
@@ -272,13 +283,7 @@ impl Session<'_> {
         self.check_fits(tokens.len())?;
         // Keep the common prefix, but decode at least the last prompt token (its logits give
         // the first sampled token).
-        let shared = self
-            .kv_tokens
-            .iter()
-            .zip(tokens)
-            .take_while(|(a, b)| a == b)
-            .count()
-            .min(tokens.len() - 1);
+        let shared = self.shared_prefix(tokens);
         let cached = if shared > 0 && self.ctx.forget_from(shared) {
             self.kv_tokens.truncate(shared);
             shared

@@ -323,6 +323,11 @@ impl Model {
         Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
     }
 
+    /// Whether the model has a chat template (`tokenizer.chat_template`).
+    pub fn has_chat_template(&self) -> bool {
+        self.chat_template_ptr().is_some()
+    }
+
     fn chat_template_ptr(&self) -> Option<*const c_char> {
         // SAFETY: the model is alive; a null name asks for the default template.
         let p = unsafe { sys::llama_model_chat_template(self.raw.as_ptr(), std::ptr::null()) };
