@@ -9,7 +9,7 @@
 //! comparison). Control commands (loading and removing experts) run before the next request.
 //!
 //! **Prompt cache.** The session keeps the keys and values of the last request and the next
-//! one reuses the prefix they share ([`Session::complete`]) — only under the same mixture:
+//! one reuses the prefix they share ([`Session::complete`](crate::runtime::Session::complete)) — only under the same mixture:
 //! every switch clears the memory, so nothing computed under one mixture is reused under
 //! another.
 
