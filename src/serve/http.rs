@@ -467,12 +467,14 @@ fn messages_of(req: &ChatRequest) -> Result<Vec<ChatMessage>, ApiError> {
                     for p in parts {
                         match (p.kind.as_str(), &p.text) {
                             ("text", Some(x)) => t.push_str(x),
-                            (kind, _) => return Err(ApiError::invalid(
-                                "messages",
-                                format!(
+                            (kind, _) => {
+                                return Err(ApiError::invalid(
+                                    "messages",
+                                    format!(
                                     "content parts of type {kind:?} are not supported (text only)"
                                 ),
-                            )),
+                                ))
+                            }
                         }
                     }
                     t
@@ -610,6 +612,7 @@ impl Reply {
             "switch_cached": st.switch_cached,
             "queue_seconds": st.queue_seconds,
             "cached_prompt_tokens": cached_tokens,
+            "served": st.served,
         })
     }
 

@@ -147,6 +147,8 @@ pub struct Started {
     pub switch_cached: bool,
     /// Seconds the request waited in the queue.
     pub queue_seconds: f64,
+    /// Its place in the order the inference thread ran requests (1 for the first).
+    pub served: u64,
 }
 
 /// How a request ended.
@@ -444,6 +446,7 @@ pub fn start(
                 loaded: Mixture::base(cfg.method),
                 scheduling: cfg.scheduling,
                 prefix_cache: cfg.prefix_cache,
+                served: 0,
             };
             worker.publish();
             let _ = ready_tx.send(Ok(()));
@@ -480,6 +483,8 @@ struct Worker<'s, 'm> {
     loaded: Mixture,
     scheduling: Scheduling,
     prefix_cache: bool,
+    /// Requests run so far.
+    served: u64,
 }
 
 impl Worker<'_, '_> {
@@ -585,6 +590,8 @@ impl Worker<'_, '_> {
 
     fn try_run(&mut self, mut job: Job, started: Instant) -> Result<(), ApiError> {
         let queue_seconds = started.duration_since(job.queued).as_secs_f64();
+        self.served += 1;
+        let served = self.served;
         let weights = self.weights_of(&job.mixture)?;
         let switch = self
             .session
@@ -648,6 +655,7 @@ impl Worker<'_, '_> {
             },
             switch_cached: switch.cached,
             queue_seconds,
+            served,
         });
         if events.blocking_send(started_event).is_err() {
             self.metrics.cancelled.fetch_add(1, Ordering::Relaxed);
