@@ -300,6 +300,8 @@ impl OutputFile {
         refuse_inputs(target, inputs)?;
         check_output_path(target)?;
         remove_stale_temporary_files(&parent_dir(target));
+        // Stamped before the temporary file exists: a change from then on is seen.
+        let stamps: Vec<InputStamp> = inputs.iter().filter_map(|p| InputStamp::take(p)).collect();
         let tmp = temp_path(target, None)?;
         let file = {
             // Registered before it exists, so an interrupt between the two still removes it.
@@ -320,7 +322,7 @@ impl OutputFile {
             tmp,
             writer: Some(BufWriter::with_capacity(1 << 20, file)),
             written: 0,
-            inputs: inputs.iter().filter_map(|p| InputStamp::take(p)).collect(),
+            inputs: stamps,
             done: false,
         })
     }

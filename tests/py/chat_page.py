@@ -20,7 +20,7 @@ for a in ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-
 driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=opts)
 try:
     driver.get(url + "/")
-    wait = WebDriverWait(driver, 60)
+    wait = WebDriverWait(driver, 300)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, ".expert-slider"))
     sliders = {s.get_attribute("data-name"): s for s in driver.find_elements(By.CSS_SELECTOR, ".expert-slider")}
     assert set(sliders) == {"math", "code"}, sliders.keys()
