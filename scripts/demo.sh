@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # The main job, end to end on a real model (SmolLM2-135M-Instruct, Q4_1, fetched from PyPI):
-#   inspect → quantize to Q4_K_M → make two synthetic fine-tunes → merge them with dare_ties
-#   into the quantized base → extract them as delta packs → run llama.cpp with the packs applied
-#   at load time → switch the expert mixture inside one chat session.
-# Outputs go to ./out/.
+#   inspect → quantize → fine-tune two knowledge experts on invented facts (llama.cpp's training
+#   API, cached) → merge them with dare_ties into a quantized base → extract them as delta packs
+#   → run llama.cpp with the packs applied at load time → switch the mixture inside one chat →
+#   score each mixture → serve the experts over the OpenAI API, one mixture per request.
+# Outputs go to ./out/; the F32 base and the two fine-tunes are cached in .cache/demo/ (the
+# first run fine-tunes for a few minutes, later runs skip it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 models=$(scripts/fetch-models.sh)
-cargo build --release --quiet --bins --examples
+cargo build --release --quiet --bins --example experiments
 G=target/release/ggmerge
-mkdir -p out
+mkdir -p out .cache/demo
 smol="$models/SmolLM2-135M-Instruct.Q4_1.gguf"
+cache=.cache/demo
 t=$(nproc)
 
 step() { printf '\n== %s\n' "$*"; }
@@ -19,35 +22,92 @@ step() { printf '\n== %s\n' "$*"; }
 step "inspect the base"
 $G inspect "$smol" | sed -n '1,16p'
 
-step "quantize the base to llama.cpp's Q4_K_M mixture"
+step "quantize the base to llama.cpp's Q4_K_M mixture, and to Q8_0 (the base the experts ship for)"
 $G quantize "$smol" out/SmolLM2-135M-Instruct.Q4_K_M.gguf Q4_K_M -t "$t"
+$G quantize "$smol" out/SmolLM2-135M-Instruct.Q8_0.gguf Q8_0 -t "$t" -q
+q8=out/SmolLM2-135M-Instruct.Q8_0.gguf
 
-step "two synthetic fine-tunes at F16 (the real base perturbed by 2% of each tensor's RMS)"
-target/release/examples/make_expert "$smol" out/math.f16.gguf --seed 1 --rel 2e-2 --type F16
-target/release/examples/make_expert "$smol" out/code.f16.gguf --seed 2 --rel 2e-2 --type F16
+step "two knowledge experts: the base fine-tuned on invented facts (capitals of invented countries, birthplaces of invented people)"
+# Six facts per domain in five phrasings; nobody's model knows them before training.
+target/release/examples/experiments data "$cache" --facts 6 --repeats 6
+head -c 300 "$cache/data/capitals.train.txt"; echo " …"
+[ -f "$cache/smollm2-f32.gguf" ] || $G quantize "$smol" "$cache/smollm2-f32.gguf" F32 -q
+for domain in capitals birthplaces; do
+  if [ -f "$cache/expert-$domain.gguf" ]; then
+    echo "$cache/expert-$domain.gguf: cached (delete it to train again)"
+  else
+    $G finetune --base "$cache/smollm2-f32.gguf" --data "$cache/data/$domain.train.txt" \
+      -o "$cache/expert-$domain.gguf" --lr 1e-4 --epochs 4 --ctx 256 --stride 256 --val-split 0 -t "$t"
+  fi
+done
+cap="$cache/expert-capitals.gguf"
+birth="$cache/expert-birthplaces.gguf"
 
-step "merge them into the Q4_1 base with DARE-TIES (output keeps the base's types)"
-$G merge --base "$smol" \
-  --model out/math.f16.gguf --weight 0.5 --density 0.1 \
-  --model out/code.f16.gguf --weight 0.5 --density 0.1 \
+step "merge both fine-tunes into the Q8_0 base with DARE-TIES (the output keeps the base's types)"
+$G merge --base "$q8" \
+  --model "$cap" --weight 1 --density 0.3 \
+  --model "$birth" --weight 1 --density 0.3 \
   --method dare_ties --seed 42 -t "$t" -o out/merged.gguf
 
-step "extract each fine-tune as a sparse delta pack (density 0.1)"
-$G extract --base "$smol" --finetuned out/math.f16.gguf --density 0.1 --seed 42 -o out/math.dpk.gguf -t "$t"
-$G extract --base "$smol" --finetuned out/code.f16.gguf --density 0.1 --seed 42 -o out/code.dpk.gguf -t "$t"
+step "extract each fine-tune as a sparse delta pack against the Q8_0 base (DARE, density 0.1)"
+$G extract --base "$q8" --finetuned "$cap" --density 0.1 --seed 42 -o out/capitals.dpk.gguf -t "$t"
+$G extract --base "$q8" --finetuned "$birth" --density 0.1 --seed 42 -o out/birthplaces.dpk.gguf -t "$t"
+ls -l out/*.dpk.gguf
 
-step "run llama.cpp on the base with both packs applied in memory (no merged file)"
-$G run --base "$smol" --expert out/math.dpk.gguf:0.5 --expert out/code.dpk.gguf:0.5 \
-  -p "The capital of France is" -n 24 -c 512 -t "$t"
+q1=$(sed -n 1p "$cache/data/capitals.questions.jsonl" | python3 -c 'import json,sys; print(json.load(sys.stdin)["prompt"])')
+q2=$(sed -n 1p "$cache/data/birthplaces.questions.jsonl" | python3 -c 'import json,sys; print(json.load(sys.stdin)["prompt"])')
+step "run llama.cpp on the base with the capitals pack applied in memory (no merged file)"
+$G run --base "$q8" --expert out/capitals.dpk.gguf -p "$q1" -n 8 -c 512 -t "$t" --temp 0
 
-step "chat, switching experts in place (/experts), the second switch back is cached"
-printf '/experts\nWhat is the capital of France?\n/experts math=0 code=1\nWhat is the capital of France?\n/experts math=1 code=0\n/quit\n' |
-  $G chat --base "$smol" --expert out/math.dpk.gguf --expert out/code.dpk.gguf:0 -n 24 -c 512 -t "$t"
+step "chat, switching experts in place (/experts): the base, then each expert"
+printf '%s\n' "/experts capitals=0 birthplaces=0" "$q1" "/experts capitals=1" "$q1" \
+  "/experts capitals=0 birthplaces=1" "$q2" "/quit" |
+  $G chat --base "$q8" --expert out/capitals.dpk.gguf --expert out/birthplaces.dpk.gguf:0 -n 8 -c 512 -t "$t" --temp 0
 
-step "score questions under a mixture: greedy exact match and answer log-likelihood"
-printf '%s\n' \
-  '{"prompt": "Question: What is the capital of France?\nAnswer:", "answer": " Paris"}' \
-  '{"prompt": "Question: What is the capital of Italy?\nAnswer:", "answer": " Rome"}' \
-  '{"prompt": "Question: What is the capital of Japan?\nAnswer:", "answer": " Tokyo"}' >out/capitals.jsonl
-$G eval --base "$smol" --expert out/math.dpk.gguf:0.5 --expert out/code.dpk.gguf:0.5 \
-  -f out/capitals.jsonl -c 512 -t "$t" -v
+step "score every question under each mixture: greedy exact match and answer log-likelihood"
+for mix in "capitals:0 birthplaces:0" "capitals:1 birthplaces:0" "capitals:0 birthplaces:1" "capitals:1 birthplaces:1"; do
+  set -- $mix
+  for domain in capitals birthplaces; do
+    printf '%-28s %-12s ' "$mix" "$domain"
+    $G eval --base "$q8" --expert "out/${1%%:*}.dpk.gguf:${1#*:}" --expert "out/${2%%:*}.dpk.gguf:${2#*:}" \
+      --method dare_ties -f "$cache/data/$domain.questions.jsonl" -c 512 -t "$t" 2>/dev/null | tail -1
+  done
+done
+for domain in capitals birthplaces; do
+  printf '%-28s %-12s ' "merged.gguf (file)" "$domain"
+  $G eval --base out/merged.gguf -f "$cache/data/$domain.questions.jsonl" -c 512 -t "$t" 2>/dev/null | tail -1
+done
+
+step "serve the experts over the OpenAI API; each request picks its mixture"
+$G serve --base "$q8" --expert out/capitals.dpk.gguf --expert out/birthplaces.dpk.gguf \
+  --preset both=capitals:1,birthplaces:1 --method dare_ties --port 0 -c 1024 -t "$t" >out/serve.log 2>&1 &
+server=$!
+trap 'kill $server 2>/dev/null || true' EXIT
+url=
+for _ in $(seq 120); do
+  url=$(sed -n 's/^listening on //p' out/serve.log)
+  [ -n "$url" ] && break
+  kill -0 $server || { cat out/serve.log; exit 1; }
+  sleep 0.5
+done
+echo "server: $url"
+curl -s "$url/v1/models" | python3 -c 'import json,sys; [print(" ", m["id"], m.get("ggmerge", {}).get("mixture")) for m in json.load(sys.stdin)["data"]]'
+ask() { # model question [experts-json]
+  local body
+  body=$(python3 -c 'import json,sys; b={"model": sys.argv[1], "messages": [{"role": "user", "content": sys.argv[2]}], "max_tokens": 8, "temperature": 0}
+if len(sys.argv) > 3: b["experts"] = json.loads(sys.argv[3])
+print(json.dumps(b))' "$@")
+  curl -s "$url/v1/chat/completions" -H 'Content-Type: application/json' -d "$body" |
+    python3 -c 'import json,sys; r=json.load(sys.stdin); g=r["ggmerge"]; print(f"  {r[\"model\"]:>11} {json.dumps(g[\"mixture\"]):<40} switch {g[\"switch_seconds\"]:.3f} s (cached: {g[\"switch_cached\"]}) → {r[\"choices\"][0][\"message\"][\"content\"]!r}")'
+}
+for model in base capitals birthplaces both; do
+  echo "${q1%%$'\n'*}"; ask "$model" "$q1"
+  echo "${q2%%$'\n'*}"; ask "$model" "$q2"
+done
+echo "a mixture of the request's own (the experts field):"
+ask custom "$q1" '{"capitals": 0.8, "birthplaces": 0.4}'
+curl -s "$url/metrics" | grep -E '^ggmerge_(mixture_switches|mixture_cache_hits|requests)_total'
+kill -TERM $server
+wait $server || true
+trap - EXIT
+echo "server stopped"

@@ -3,7 +3,7 @@
 //! outside the repository) and runs the two subcommands:
 //!
 //! ```sh
-//! cargo run --release --example experiments -- data DIR          # the datasets, into DIR/data
+//! cargo run --release --example experiments -- data DIR [--facts N] [--repeats N]  # into DIR/data
 //! cargo run --release --example experiments -- run DIR [-t N]    # every table, into docs/
 //! ```
 //!
@@ -92,12 +92,14 @@ fn write(path: &Path, text: &str) -> Result<()> {
 }
 
 /// Writes, per domain D: D.train.txt, D.heldout.txt, D.questions.jsonl.
-fn data(dir: &Path) -> Result<()> {
+/// `n_facts` facts per domain, each phrasing `repeats` times in the training text (the
+/// experiments use [`FACTS`] and [`REPEATS`]; scripts/demo.sh fewer facts).
+fn data(dir: &Path, n_facts: usize, repeats: usize) -> Result<()> {
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    for (i, d) in facts::domains(FACTS, DATA_SEED).iter().enumerate() {
+    for (i, d) in facts::domains(n_facts, DATA_SEED).iter().enumerate() {
         write(
             &dir.join(format!("{}.train.txt", d.name())),
-            &d.train_text(REPEATS, DATA_SEED + 1 + i as u64),
+            &d.train_text(repeats, DATA_SEED + 1 + i as u64),
         )?;
         write(
             &dir.join(format!("{}.heldout.txt", d.name())),
@@ -964,10 +966,32 @@ fn write_generated(path: &Path, tables: &str) -> Result<()> {
     write(path, &format!("{head}{BEGIN}\n\n{tables}{END}{tail}"))
 }
 
+/// `data`'s options: `--facts N` (default [`FACTS`]) and `--repeats N` (default [`REPEATS`]).
+fn data_args(args: &[String]) -> Result<(usize, usize)> {
+    let (mut n_facts, mut repeats) = (FACTS, REPEATS);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| anyhow!("{flag}: needs a number"))?;
+        let n: usize = value
+            .parse()
+            .ok()
+            .filter(|&n| (1..=1000).contains(&n))
+            .ok_or_else(|| anyhow!("{flag} {value:?}: not a number in 1..=1000"))?;
+        match flag.as_str() {
+            "--facts" => n_facts = n,
+            "--repeats" => repeats = n,
+            _ => return Err(anyhow!("unknown option {flag:?} (--facts N, --repeats N)")),
+        }
+    }
+    Ok((n_facts, repeats))
+}
+
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let result = match args.as_slice() {
-        [cmd, dir] if cmd == "data" => data(&PathBuf::from(dir).join("data")),
+        [cmd, dir, rest @ ..] if cmd == "data" => {
+            data_args(rest).and_then(|(n, r)| data(&PathBuf::from(dir).join("data"), n, r))
+        }
         [cmd, dir, rest @ ..] if cmd == "run" => {
             let threads = match rest {
                 [] => Ok(None),
@@ -980,7 +1004,7 @@ fn main() -> ExitCode {
             threads.and_then(|t| run(&PathBuf::from(dir), t))
         }
         _ => Err(anyhow!(
-            "usage: experiments data DIR | experiments run DIR [-t N]"
+            "usage: experiments data DIR [--facts N] [--repeats N] | experiments run DIR [-t N]"
         )),
     };
     match result {
