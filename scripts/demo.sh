@@ -28,8 +28,9 @@ $G quantize "$smol" out/SmolLM2-135M-Instruct.Q8_0.gguf Q8_0 -t "$t" -q
 q8=out/SmolLM2-135M-Instruct.Q8_0.gguf
 
 step "two knowledge experts: the base fine-tuned on invented facts (capitals of invented countries, birthplaces of invented people)"
-# Six facts per domain in five phrasings; nobody's model knows them before training.
-target/release/examples/experiments data "$cache" --facts 6 --repeats 6
+# Twelve facts per domain in several phrasings (the data of docs/results.md); nobody's model
+# knows them before training. --eval asks every question after each epoch (greedy exact match).
+target/release/examples/experiments data "$cache"
 head -c 300 "$cache/data/capitals.train.txt"; echo " …"
 [ -f "$cache/smollm2-f32.gguf" ] || $G quantize "$smol" "$cache/smollm2-f32.gguf" F32 -q
 for domain in capitals birthplaces; do
@@ -37,7 +38,8 @@ for domain in capitals birthplaces; do
     echo "$cache/expert-$domain.gguf: cached (delete it to train again)"
   else
     $G finetune --base "$cache/smollm2-f32.gguf" --data "$cache/data/$domain.train.txt" \
-      -o "$cache/expert-$domain.gguf" --lr 1e-4 --epochs 4 --ctx 256 --stride 256 --val-split 0 -t "$t"
+      -o "$cache/expert-$domain.gguf" --lr 1e-4 --lr-min 1e-5 --epochs 8 --ctx 256 --stride 256 \
+      --val-split 0 -t "$t" --eval "$cache/data/$domain.questions.jsonl"
   fi
 done
 cap="$cache/expert-capitals.gguf"
@@ -54,15 +56,20 @@ $G extract --base "$q8" --finetuned "$cap" --density 0.1 --seed 42 -o out/capita
 $G extract --base "$q8" --finetuned "$birth" --density 0.1 --seed 42 -o out/birthplaces.dpk.gguf -t "$t"
 ls -l out/*.dpk.gguf
 
-q1=$(sed -n 1p "$cache/data/capitals.questions.jsonl" | python3 -c 'import json,sys; print(json.load(sys.stdin)["prompt"])')
-q2=$(sed -n 1p "$cache/data/birthplaces.questions.jsonl" | python3 -c 'import json,sys; print(json.load(sys.stdin)["prompt"])')
+# The first question of each set: the raw prompt ("Question: …?\nAnswer:", as trained) for
+# `run`, the bare question for the chat template of `chat` and `serve`.
+prompt() { sed -n 1p "$cache/data/$1.questions.jsonl" | python3 -c 'import json,sys; print(json.load(sys.stdin)["prompt"])'; }
+question() { prompt "$1" | sed -n 's/^Question: //p'; }
+p1=$(prompt capitals)
+q1=$(question capitals)
+q2=$(question birthplaces)
 step "run llama.cpp on the base with the capitals pack applied in memory (no merged file)"
-$G run --base "$q8" --expert out/capitals.dpk.gguf -p "$q1" -n 8 -c 512 -t "$t" --temp 0
+$G run --base "$q8" --expert out/capitals.dpk.gguf -p "$p1" -n 8 -c 512 -t "$t" --temp 0
 
 step "chat, switching experts in place (/experts): the base, then each expert"
 printf '%s\n' "/experts capitals=0 birthplaces=0" "$q1" "/experts capitals=1" "$q1" \
   "/experts capitals=0 birthplaces=1" "$q2" "/quit" |
-  $G chat --base "$q8" --expert out/capitals.dpk.gguf --expert out/birthplaces.dpk.gguf:0 -n 8 -c 512 -t "$t" --temp 0
+  $G chat --base "$q8" --expert out/capitals.dpk.gguf --expert out/birthplaces.dpk.gguf:0 -n 12 -c 512 -t "$t" --temp 0
 
 step "score every question under each mixture: greedy exact match and answer log-likelihood"
 for mix in "capitals:0 birthplaces:0" "capitals:1 birthplaces:0" "capitals:0 birthplaces:1" "capitals:1 birthplaces:1"; do
@@ -92,17 +99,21 @@ for _ in $(seq 120); do
 done
 echo "server: $url"
 curl -s "$url/v1/models" | python3 -c 'import json,sys; [print(" ", m["id"], m.get("ggmerge", {}).get("mixture")) for m in json.load(sys.stdin)["data"]]'
-ask() { # model question [experts-json]
+ask() { # model question [experts-json]: one chat request, its mixture, switch and answer
   local body
-  body=$(python3 -c 'import json,sys; b={"model": sys.argv[1], "messages": [{"role": "user", "content": sys.argv[2]}], "max_tokens": 8, "temperature": 0}
+  body=$(python3 -c 'import json,sys; b={"model": sys.argv[1], "messages": [{"role": "user", "content": sys.argv[2]}], "max_tokens": 12, "temperature": 0}
 if len(sys.argv) > 3: b["experts"] = json.loads(sys.argv[3])
 print(json.dumps(b))' "$@")
   curl -s "$url/v1/chat/completions" -H 'Content-Type: application/json' -d "$body" |
-    python3 -c 'import json,sys; r=json.load(sys.stdin); g=r["ggmerge"]; print(f"  {r[\"model\"]:>11} {json.dumps(g[\"mixture\"]):<40} switch {g[\"switch_seconds\"]:.3f} s (cached: {g[\"switch_cached\"]}) → {r[\"choices\"][0][\"message\"][\"content\"]!r}")'
+    python3 -c 'import json,sys
+r = json.load(sys.stdin); g = r["ggmerge"]; answer = r["choices"][0]["message"]["content"]
+mixture = ", ".join(f"{k}={v:g}" for k, v in g["mixture"].items()) or "none"
+model, switch = r["model"], g["switch_seconds"]
+print(f"  {model:<11} experts: {mixture:<26} switch {switch:.3f} s  {sys.argv[1]} -> {answer!r}")' "$2"
 }
 for model in base capitals birthplaces both; do
-  echo "${q1%%$'\n'*}"; ask "$model" "$q1"
-  echo "${q2%%$'\n'*}"; ask "$model" "$q2"
+  ask "$model" "$q1"
+  ask "$model" "$q2"
 done
 echo "a mixture of the request's own (the experts field):"
 ask custom "$q1" '{"capitals": 0.8, "birthplaces": 0.4}'

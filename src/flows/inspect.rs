@@ -185,7 +185,7 @@ pub fn summarize(model: &GgufModel) -> ModelSummary {
 /// println!("{:?}: {} parameters", summary.architecture, summary.n_params);
 /// # Ok::<(), ggmerge::Error>(())
 /// ```
-pub fn inspect(path: impl AsRef<Path>) -> crate::Result<ModelSummary> {
+pub fn inspect(path: impl AsRef<Path>) -> crate::error::Result<ModelSummary> {
     let model = GgufModel::open(path.as_ref())?;
     let mut summary = summarize(&model);
     if summary.file_kind.as_deref() == Some(crate::delta::pack::PACK_TYPE) {
