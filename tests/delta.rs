@@ -318,6 +318,7 @@ fn cached_kept_indices_give_the_tensors_apply_writes() {
             out_type: None,
             seed: None,
             threads: Some(2),
+            requant: None,
         };
         plan(cfg, inputs, &o).unwrap()
     };

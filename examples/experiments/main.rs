@@ -253,6 +253,7 @@ impl Lab {
             n_ctx,
             n_batch: n_ctx,
             threads: self.threads,
+            ..Default::default()
         }
     }
 

@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use ggmerge::format::ggml_type::{QuantizeSupport, TYPES};
 use ggmerge::format::GgmlType;
 use ggmerge::merge::method::{Method, Rescale, Sparsifier};
-use ggmerge::quant::FTYPES;
+use ggmerge::quant::{Requant, FTYPES};
 
 /// A parser accepting `methods` by their mergekit names.
 fn methods(methods: &'static [Method]) -> impl TypedValueParser<Value = Method> {
@@ -35,6 +35,25 @@ fn rescales() -> impl TypedValueParser<Value = Rescale> {
     PossibleValuesParser::new(Rescale::ALL.map(|r| PossibleValue::new(r.name())))
         .try_map(|s| Rescale::from_name(&s).ok_or("unknown rescale"))
 }
+
+/// Requantization modes, each with its help line.
+pub(super) fn requants() -> impl TypedValueParser<Value = Requant> {
+    let help = |r: Requant| {
+        match r {
+        Requant::Full => "ggml's quantizer on every changed chunk (new scales, every element rounded again)",
+        Requant::Grid => "the base's scales kept: unchanged blocks keep their bytes, changed elements move to the nearest code",
+        Requant::GridStochastic => "as grid, changed elements rounded up or down at random so the expected change equals the delta (seeded by --seed)",
+    }
+    };
+    PossibleValuesParser::new(Requant::ALL.map(|r| PossibleValue::new(r.name()).help(help(r))))
+        .try_map(|s| Requant::from_name(&s).ok_or("unknown requantization mode"))
+}
+
+/// What `--requant` says, shared by every command that has it.
+pub(super) const REQUANT_HELP: &str = "How merged tensors that keep the base's type are \
+     requantized: full, grid (on the base's own grid) or grid-stochastic. Blocks a changed value \
+     does not fit on the grid are requantized in full and counted; other types are always \
+     requantized in full.";
 
 /// The value types of a pack.
 fn pack_values() -> impl TypedValueParser<Value = GgmlType> {
@@ -198,6 +217,9 @@ pub struct ExpertArgs {
     /// Memory for cached mixtures, MiB (switching back to a cached mixture is a copy).
     #[arg(long, default_value_t = 1024)]
     pub cache_mib: u64,
+    #[arg(long, help = REQUANT_HELP, default_value = Requant::DEFAULT.name(),
+          value_parser = requants(), ignore_case = true)]
+    pub requant: Requant,
 }
 
 #[derive(Args, Debug)]
@@ -321,6 +343,12 @@ pub struct ApplyArgs {
     /// Output type (default: the base's types); a ggml type or a llama.cpp mixture.
     #[arg(long = "type", value_parser = types_and_mixtures(), ignore_case = true)]
     pub ty: Option<String>,
+    #[arg(long, help = REQUANT_HELP, default_value = Requant::DEFAULT.name(),
+          value_parser = requants(), ignore_case = true)]
+    pub requant: Requant,
+    /// Seed of grid-stochastic rounding (the merge's --seed reproduces its output).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Threads (default: all cores).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
@@ -417,9 +445,11 @@ pub struct MergeArgs {
     /// mixture (Q4_K_M …). Default: every tensor keeps the base's type.
     #[arg(long = "type", value_parser = types_and_mixtures(), ignore_case = true)]
     pub ty: Option<String>,
-    /// Mask seed (DARE/DELLA): same seed, same output.
+    /// Mask seed (DARE/DELLA) and grid-stochastic rounding seed: same seed, same output.
     #[arg(long)]
     pub seed: Option<u64>,
+    #[arg(long, help = REQUANT_HELP, value_parser = requants(), ignore_case = true)]
+    pub requant: Option<Requant>,
     /// Threads (default: all cores).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
