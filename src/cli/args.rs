@@ -42,7 +42,7 @@ pub(super) fn requants() -> impl TypedValueParser<Value = Requant> {
         match r {
         Requant::Full => "ggml's quantizer on every changed chunk (new scales, every element rounded again)",
         Requant::Grid => "the base's scales kept: unchanged blocks keep their bytes, changed elements move to the nearest code",
-        Requant::GridStochastic => "as grid, changed elements rounded up or down at random so the expected change equals the delta (seeded by --seed)",
+        Requant::GridStochastic => "as grid, changed elements rounded up or down at random so the expected change equals the delta (seeded by --seed; 0 at run time)",
     }
     };
     PossibleValuesParser::new(Requant::ALL.map(|r| PossibleValue::new(r.name()).help(help(r))))
@@ -50,10 +50,20 @@ pub(super) fn requants() -> impl TypedValueParser<Value = Requant> {
 }
 
 /// What `--requant` says, shared by every command that has it.
-pub(super) const REQUANT_HELP: &str = "How merged tensors that keep the base's type are \
-     requantized: full, grid (on the base's own grid) or grid-stochastic. Blocks a changed value \
-     does not fit on the grid are requantized in full and counted; other types are always \
-     requantized in full.";
+macro_rules! requant_help {
+    () => {
+        "How merged tensors that keep the base's type are requantized: full, grid (on the \
+         base's own grid: untouched blocks keep their bytes) or grid-stochastic. Blocks where a \
+         changed value does not fit on the grid are requantized in full (merge and apply count \
+         them in their summary); types without a grid are always requantized in full."
+    };
+}
+pub(super) const REQUANT_HELP: &str = requant_help!();
+/// `merge`'s `--requant`, whose default comes from the config.
+const MERGE_REQUANT_HELP: &str = concat!(
+    requant_help!(),
+    " Default: the config's `requant`, else full."
+);
 
 /// The value types of a pack.
 fn pack_values() -> impl TypedValueParser<Value = GgmlType> {
@@ -499,7 +509,7 @@ pub struct MergeArgs {
     /// Mask seed (DARE/DELLA) and grid-stochastic rounding seed: same seed, same output.
     #[arg(long)]
     pub seed: Option<u64>,
-    #[arg(long, help = REQUANT_HELP, value_parser = requants(), ignore_case = true)]
+    #[arg(long, help = MERGE_REQUANT_HELP, value_parser = requants(), ignore_case = true)]
     pub requant: Option<Requant>,
     /// Threads (default: all cores).
     #[arg(short = 't', long)]
