@@ -14,6 +14,10 @@
 //!
 //! and prints the ratios warm / merge-then-load (target ≤ 5%) and cold / merge-then-load
 //! (target ≤ 50%). Models: scripts/fetch-models.sh (`$GGMERGE_MODELS`, else `.cache/models`).
+//!
+//! `REQUANT=full,grid,grid-stochastic cargo bench --bench runtime` measures the switches and
+//! merge-then-load once per requantization mode (`--requant`: the mixtures' and the merged
+//! file's), one table each; default `full`.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -21,6 +25,7 @@ use std::time::Instant;
 use ggmerge::flows::extract::{extract_delta, ExtractOptions};
 use ggmerge::format::GgmlType;
 use ggmerge::merge::config::{ConfigSource, MergeConfig, Method, ModelEntry, ParamValue};
+use ggmerge::quant::Requant;
 use ggmerge::runtime::{Expert, ExpertSession};
 use ggmerge::runtime::{Model, ModelOptions, SessionOptions};
 use ggmerge::{merge_models, MergeOptions, NoProgress};
@@ -43,11 +48,32 @@ fn models_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/models"))
 }
 
-fn session_opts() -> SessionOptions {
+fn session_opts(requant: Requant) -> SessionOptions {
     SessionOptions {
         n_ctx: N_CTX,
         threads: None,
+        requant,
         ..Default::default()
+    }
+}
+
+/// The modes of `$REQUANT` (names separated by commas or spaces; default `full`).
+fn requant_modes() -> Vec<Requant> {
+    let list = std::env::var("REQUANT").unwrap_or_else(|_| Requant::DEFAULT.name().into());
+    let modes: Vec<Requant> = list
+        .split([',', ' '])
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            Requant::from_name(s).unwrap_or_else(|| {
+                eprintln!("REQUANT: unknown mode {s:?} (full, grid, grid-stochastic)");
+                std::process::exit(2)
+            })
+        })
+        .collect();
+    if modes.is_empty() {
+        vec![Requant::DEFAULT]
+    } else {
+        modes
     }
 }
 
@@ -93,7 +119,7 @@ struct ExpertTimes {
     warm_tensors: usize,
 }
 
-fn expert_path(base: &Path, packs: &[PathBuf], reps: usize) -> ExpertTimes {
+fn expert_path(base: &Path, packs: &[PathBuf], reps: usize, requant: Requant) -> ExpertTimes {
     let mut best = ExpertTimes {
         load: f64::INFINITY,
         cold: f64::INFINITY,
@@ -110,7 +136,7 @@ fn expert_path(base: &Path, packs: &[PathBuf], reps: usize) -> ExpertTimes {
             experts,
             &[0.5, 0.5],
             Method::TaskArithmetic,
-            &session_opts(),
+            &session_opts(requant),
             None,
             CACHE_BYTES,
         )
@@ -136,8 +162,9 @@ fn expert_path(base: &Path, packs: &[PathBuf], reps: usize) -> ExpertTimes {
     best
 }
 
-/// `ggmerge apply --expert P:W …` (task arithmetic) to `out`, then load it and open a session.
-fn merge_then_load(base: &Path, mixture: &[(&PathBuf, f64)], out: &Path) -> f64 {
+/// `ggmerge apply --expert P:W … --requant R` (task arithmetic) to `out`, then load it and open
+/// a session.
+fn merge_then_load(base: &Path, mixture: &[(&PathBuf, f64)], out: &Path, requant: Requant) -> f64 {
     let t = Instant::now();
     let mut config = MergeConfig::new(Method::TaskArithmetic, ConfigSource::Cli);
     config.base_model = Some(base.display().to_string());
@@ -149,11 +176,12 @@ fn merge_then_load(base: &Path, mixture: &[(&PathBuf, f64)], out: &Path) -> f64 
     let opts = MergeOptions {
         output: out.to_path_buf(),
         threads: None,
+        requant: Some(requant),
         ..Default::default()
     };
     merge_models(&config, &opts, &NoProgress).unwrap();
     let model = load(out);
-    let session = model.session(&session_opts()).unwrap();
+    let session = model.session(&session_opts(requant)).unwrap();
     let s = secs(t);
     drop(session);
     drop(model);
@@ -171,6 +199,7 @@ fn verdict(ratio: f64, target: f64) -> &'static str {
 
 fn main() {
     let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let modes = requant_modes();
     let fixtures = [
         Fixture {
             label: "SmolLM2 Q4_1",
@@ -192,7 +221,12 @@ fn main() {
     println!(
         "experts at run time vs merge-then-load, {threads} threads, context {N_CTX}, \
          2 synthetic F16 experts per fixture (rel {REL}), DARE packs at density {DENSITY} \
-         with F16 values; load average {}",
+         with F16 values; requantization {}; load average {}",
+        modes
+            .iter()
+            .map(|r| r.name())
+            .collect::<Vec<_>>()
+            .join(", "),
         loadavg()
     );
     for fx in &fixtures {
@@ -242,63 +276,70 @@ fn main() {
 
         let base_only = best_of(3, || {
             let model = load(&base);
-            let session = model.session(&session_opts()).unwrap();
+            let session = model.session(&session_opts(Requant::DEFAULT)).unwrap();
             drop(session);
         });
-        let ex = expert_path(&base, &packs, 2);
-        let merged = dir.path().join("merged.gguf");
-        let mtl = best_of(2, || {
-            merge_then_load(&base, &[(&packs[0], 1.0)], &merged);
-        });
-        let mtl_both = best_of(2, || {
-            merge_then_load(&base, &[(&packs[0], 0.5), (&packs[1], 0.5)], &merged);
-        });
+        for &requant in &modes {
+            let ex = expert_path(&base, &packs, 2, requant);
+            let merged = dir.path().join("merged.gguf");
+            let mtl = best_of(2, || {
+                merge_then_load(&base, &[(&packs[0], 1.0)], &merged, requant);
+            });
+            let mtl_both = best_of(2, || {
+                merge_then_load(
+                    &base,
+                    &[(&packs[0], 0.5), (&packs[1], 0.5)],
+                    &merged,
+                    requant,
+                );
+            });
 
-        println!();
-        println!(
-            "{} (base {:.1} MiB; fine-tunes perturb {}, {:.1} MiB each as F16; packs {:.1} + \
-             {:.1} MiB)",
-            fx.label,
-            mib(base_bytes),
-            fx.only_label,
-            mib(ft_bytes),
-            mib(sizes[0]),
-            mib(sizes[1])
-        );
-        println!("{:<58} {:>9}", "step (best of 2-3)", "seconds");
-        let row = |name: &str, s: f64| println!("{name:<58} {s:>9.3}");
-        row("load, base only (Model::load + session)", base_only);
-        row(
-            "load, base + 2 packs at 0.5/0.5 (+ ExpertSession::new)",
-            ex.load,
-        );
-        row(
-            &format!("cold switch to (1,0) / (0,1) ({} tensors)", ex.cold_tensors),
-            ex.cold,
-        );
-        row(
-            &format!("warm switch, cached ({} tensors)", ex.warm_tensors),
-            ex.warm,
-        );
-        row(
-            "merge-then-load: apply (1,0) to a GGUF + load + session",
-            mtl,
-        );
-        row(
-            "merge-then-load: apply 0.5/0.5 to a GGUF + load + session",
-            mtl_both,
-        );
-        let (w, c) = (ex.warm / mtl, ex.cold / mtl);
-        println!(
-            "warm / merge-then-load {:>6.1}%  (target <= 5%: {})",
-            100.0 * w,
-            verdict(w, 0.05)
-        );
-        println!(
-            "cold / merge-then-load {:>6.1}%  (target <= 50%: {})",
-            100.0 * c,
-            verdict(c, 0.50)
-        );
+            println!();
+            println!(
+                "{} (base {:.1} MiB; fine-tunes perturb {}, {:.1} MiB each as F16; packs {:.1} + \
+             {:.1} MiB), --requant {requant}",
+                fx.label,
+                mib(base_bytes),
+                fx.only_label,
+                mib(ft_bytes),
+                mib(sizes[0]),
+                mib(sizes[1])
+            );
+            println!("{:<58} {:>9}", "step (best of 2-3)", "seconds");
+            let row = |name: &str, s: f64| println!("{name:<58} {s:>9.3}");
+            row("load, base only (Model::load + session)", base_only);
+            row(
+                "load, base + 2 packs at 0.5/0.5 (+ ExpertSession::new)",
+                ex.load,
+            );
+            row(
+                &format!("cold switch to (1,0) / (0,1) ({} tensors)", ex.cold_tensors),
+                ex.cold,
+            );
+            row(
+                &format!("warm switch, cached ({} tensors)", ex.warm_tensors),
+                ex.warm,
+            );
+            row(
+                "merge-then-load: apply (1,0) to a GGUF + load + session",
+                mtl,
+            );
+            row(
+                "merge-then-load: apply 0.5/0.5 to a GGUF + load + session",
+                mtl_both,
+            );
+            let (w, c) = (ex.warm / mtl, ex.cold / mtl);
+            println!(
+                "warm / merge-then-load {:>6.1}%  (target <= 5%: {})",
+                100.0 * w,
+                verdict(w, 0.05)
+            );
+            println!(
+                "cold / merge-then-load {:>6.1}%  (target <= 50%: {})",
+                100.0 * c,
+                verdict(c, 0.50)
+            );
+        }
         for p in packs {
             std::fs::remove_file(p).unwrap();
         }

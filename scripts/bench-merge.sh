@@ -8,7 +8,8 @@
 #   - an F16 copy of the base (ggmerge quantize BASE F16);
 #   - quantize: base-f16 -> the mixture that reproduces the base's per-tensor types (checked);
 #   - merge:    --base BASE + 2 experts, weight 0.5, density 0.1, dare_ties, seed 1, output in
-#               the base's types.
+#               the base's types, once per requantization mode of $REQUANT (`--requant`;
+#               default "full"; e.g. REQUANT="full grid grid-stochastic": one row each).
 # Both run with the same threads (-t, default: $THREADS or nproc), alternating, timed with
 # /usr/bin/time: best of $RUNS (default 2) each for wall time and for CPU time (user + system,
 # a steadier ratio on a busy machine), largest peak RSS; the merge's private (anonymous) peak is sampled in one more run,
@@ -18,6 +19,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${THREADS:-$(nproc)}
 runs=${RUNS:-2}
+read -r -a requants <<<"${REQUANT:-full}"
 
 scripts/setup.sh
 models=$(scripts/fetch-models.sh)
@@ -122,33 +124,46 @@ for f in "${fixtures[@]}"; do
   # Quantize and merge alternate, so that both see the same machine: on a shared machine
   # speed drifts over minutes, and timing all quantize runs before all merge runs skews the
   # ratio.
-  echo "== $label: ggmerge quantize base-f16 -> $mixture and merge dare_ties, alternating (x$runs)" >&2
+  echo "== $label: ggmerge quantize base-f16 -> $mixture and merge dare_ties (--requant ${requants[*]}), alternating (x$runs)" >&2
   quantize_cmd=("$ggmerge" quantize "$f16" "$work/quantized.gguf" "$mixture" -t "$threads" -q)
-  merge_cmd=("$ggmerge" merge --base "$base"
-    --model "$e1" --weight 0.5 --density 0.1
-    --model "$e2" --weight 0.5 --density 0.1
-    --method dare_ties --seed 1 -t "$threads" -q -o "$work/merged.gguf")
-  q_res="" m_res=""
+  # merge_cmd MODE: the merge with --requant MODE, into the array merge.
+  merge_cmd() {
+    merge=("$ggmerge" merge --base "$base"
+      --model "$e1" --weight 0.5 --density 0.1
+      --model "$e2" --weight 0.5 --density 0.1
+      --method dare_ties --seed 1 --requant "$1" -t "$threads" -q -o "$work/merged.gguf")
+  }
+  q_res=""
+  declare -A m_res=() m_anons=()
   for ((i = 0; i < runs; i++)); do
     # (Assignments, so that `set -e` stops the script when a run fails.)
     r=$(run_once "$work/quantized.gguf" "${quantize_cmd[@]}")
     q_res=$(best "$q_res" "$r")
-    r=$(run_once "$work/merged.gguf" "${merge_cmd[@]}")
-    m_res=$(best "$m_res" "$r")
+    for mode in "${requants[@]}"; do
+      merge_cmd "$mode"
+      r=$(run_once "$work/merged.gguf" "${merge[@]}")
+      m_res[$mode]=$(best "${m_res[$mode]:-}" "$r")
+    done
   done
   read -r q_s q_cpu q_kib <<<"$q_res"
-  read -r m_s m_cpu m_kib <<<"$m_res"
   echo "   quantize: $q_s s (CPU $q_cpu s), peak RSS $q_kib KiB" >&2
   check_types "$base" "$work/quantized.gguf" "quantize to $mixture"
-  out=$work/merged.gguf
-  m_anon=$(anon_peak "${merge_cmd[@]}")
-  echo "   merge: $m_s s (CPU $m_cpu s), peak RSS $m_kib KiB (private: $m_anon KiB)" >&2
-  check_types "$base" "$out" "the merge output"
-
   inputs=$(($(stat -c %s "$base") + $(stat -c %s "$e1") + $(stat -c %s "$e2")))
-  rows+=("$(awk -v l="$label" -v qs="$q_s" -v ms="$m_s" -v qk="$q_kib" -v mk="$m_kib" -v inb="$inputs" -v ma="$m_anon" -v qc="$q_cpu" -v mc="$m_cpu" 'BEGIN {
-    printf "| %s | %.2f s | %.2f s | **%.2f** | %.1f / %.1f s = %.2f | %.0f MiB | %.0f MiB | %.0f MiB | %.2f | %.0f MiB |",
-      l, qs, ms, ms / qs, mc, qc, mc / qc, qk / 1024, mk / 1024, inb / 1048576, mk * 1024 / inb, ma / 1024 }')")
+  for mode in "${requants[@]}"; do
+    read -r m_s m_cpu m_kib <<<"${m_res[$mode]}"
+    out=$work/merged.gguf
+    merge_cmd "$mode"
+    m_anon=$(anon_peak "${merge[@]}")
+    m_anons[$mode]=$m_anon
+    echo "   merge --requant $mode: $m_s s (CPU $m_cpu s), peak RSS $m_kib KiB (private: $m_anon KiB)" >&2
+    check_types "$base" "$out" "the merge output"
+    rows+=("$(awk -v l="$label" -v rq="$mode" -v qs="$q_s" -v ms="$m_s" -v qk="$q_kib" -v mk="$m_kib" -v inb="$inputs" -v ma="$m_anon" -v qc="$q_cpu" -v mc="$m_cpu" 'BEGIN {
+      printf "| %s | %s | %.2f s | %.2f s | **%.2f** | %.1f / %.1f s = %.2f | %.0f MiB | %.0f MiB | %.0f MiB | %.2f | %.0f MiB |",
+        l, rq, qs, ms, ms / qs, mc, qc, mc / qc, qk / 1024, mk / 1024, inb / 1048576, mk * 1024 / inb, ma / 1024 }')")
+  done
+  # The memory comparison below uses the first mode's merge.
+  read -r m_s m_cpu m_kib <<<"${m_res[${requants[0]}]}"
+  m_anon=${m_anons[${requants[0]}]}
 
   if [ "$file" = SmolLM2-135M-Instruct.Q4_1.gguf ]; then
     # The same merge with every input a Hugging Face safetensors directory (F32), written as
@@ -183,11 +198,11 @@ for f in "${fixtures[@]}"; do
 done
 
 echo
-echo "ggmerge merge (dare_ties, 2 F16 experts, density 0.1) vs ggmerge quantize (base F16 -> base's types)"
+echo "ggmerge merge (dare_ties, 2 F16 experts, density 0.1, per --requant mode) vs ggmerge quantize (base F16 -> base's types)"
 echo "$(nproc) cores, -t $threads, best of $runs; $(date -u +%Y-%m-%d); ggmerge $rev; load average before: $load"
 echo
-echo "| fixture | quantize | merge | merge / quantize | CPU time merge / quantize | quantize peak RSS | merge peak RSS | merge inputs (base + 2 experts) | merge RSS / inputs | merge private peak |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| fixture | requant | quantize | merge | merge / quantize | CPU time merge / quantize | quantize peak RSS | merge peak RSS | merge inputs (base + 2 experts) | merge RSS / inputs | merge private peak |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
 echo
 echo "Memory by input kind (same merge; peak RSS counts the inputs' mapped pages, private peak does not)"

@@ -6,7 +6,8 @@
 #
 # Experts and intermediate files live in $GGMERGE_EXPERIMENTS (default
 # ~/.cache/ggmerge-experiments), outside the repository; experts are recreated only when
-# missing. Threads: $THREADS (default: all cores). Set ONLY=experts to stop after fine-tuning.
+# missing (delete them to retrain after changing the recipe below). Threads: $THREADS (default:
+# all cores). Set ONLY=experts to stop after fine-tuning.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${THREADS:-$(nproc)}
@@ -21,10 +22,13 @@ ggmerge=target/release/ggmerge
 log() { echo "[$(date -u +%H:%M:%S)] $*" >&2; }
 
 # Fine-tuning settings (calibrated on this base; see docs/results.md): windows of CTX tokens
-# without overlap. The two experts train at the same time, one thread each (on 2 cores this is
-# faster than one after the other with 2 threads each).
-LR=5e-5
-EPOCHS=3
+# without overlap, the learning rate decaying from LR to LR_MIN over EPOCHS (this recipe
+# reaches over 50% exact match on the 12 facts of each expert). The two experts train at the
+# same time, one thread each (on 2 cores this is faster than one after the other with 2 threads
+# each).
+LR=1e-4
+LR_MIN=1e-5
+EPOCHS=8
 CTX=256
 
 base=$work/smollm2-135m-f32.gguf
@@ -36,10 +40,10 @@ target/release/examples/experiments data "$work"
 finetune() {
   local domain=$1 expert=$work/expert-$1.gguf start
   [ -f "$expert" ] && return 0
-  log "fine-tuning the $domain expert (lr $LR, $EPOCHS epochs, ctx $CTX, 1 thread)"
+  log "fine-tuning the $domain expert (lr $LR to $LR_MIN, $EPOCHS epochs, ctx $CTX, 1 thread)"
   start=$(date +%s)
   "$ggmerge" finetune --base "$base" --data "$work/data/$domain.train.txt" \
-    -o "$expert.partial" --lr "$LR" --epochs "$EPOCHS" --ctx "$CTX" --stride "$CTX" \
+    -o "$expert.partial" --lr "$LR" --lr-min "$LR_MIN" --epochs "$EPOCHS" --ctx "$CTX" --stride "$CTX" \
     --val-split 0 -t 1 >"$work/finetune-$domain.log" 2>&1 || {
     tail -20 "$work/finetune-$domain.log" >&2
     return 1

@@ -12,6 +12,7 @@ use ggmerge::format::gguf::GgufModel;
 use ggmerge::format::GgmlType;
 use ggmerge::merge::config::{ConfigSource, MergeConfig, Method, ModelEntry, ParamValue};
 use ggmerge::merge::method::Sparsifier;
+use ggmerge::quant::Requant;
 use ggmerge::{merge_models, MergeOptions, NoProgress};
 
 fn experts() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
@@ -74,27 +75,71 @@ fn apply_of_dare_packs_is_byte_identical_to_merge() {
     let pb = dir.path().join("b.dpk.gguf");
     extract(a, &pa, 0.1, GgmlType::F32, 0);
     extract(b, &pb, 0.1, GgmlType::F32, 1);
-    for method in [Method::DareTies, Method::DareLinear] {
-        let merged = dir.path().join("merged.gguf");
-        let applied = dir.path().join("applied.gguf");
-        merge_models(
-            &merge_cfg(method, &[(a, 0.6, Some(0.1)), (b, 0.4, Some(0.1))]),
-            &opts(&merged),
-            &NoProgress,
-        )
-        .unwrap();
-        merge_models(
-            &merge_cfg(method, &[(&pa, 0.6, None), (&pb, 0.4, None)]),
-            &opts(&applied),
-            &NoProgress,
-        )
-        .unwrap();
-        assert!(
-            std::fs::read(&merged).unwrap() == std::fs::read(&applied).unwrap(),
-            "{}",
-            method.name()
-        );
+    let mut outputs = Vec::new();
+    for requant in Requant::ALL {
+        for method in [Method::DareTies, Method::DareLinear] {
+            let merged = dir.path().join("merged.gguf");
+            let applied = dir.path().join("applied.gguf");
+            let o = |out: &Path| MergeOptions {
+                requant: Some(requant),
+                ..opts(out)
+            };
+            let r = merge_models(
+                &merge_cfg(method, &[(a, 0.6, Some(0.1)), (b, 0.4, Some(0.1))]),
+                &o(&merged),
+                &NoProgress,
+            )
+            .unwrap();
+            assert_eq!(r.requant, requant);
+            merge_models(
+                &merge_cfg(method, &[(&pa, 0.6, None), (&pb, 0.4, None)]),
+                &o(&applied),
+                &NoProgress,
+            )
+            .unwrap();
+            let bytes = std::fs::read(&merged).unwrap();
+            assert!(
+                bytes == std::fs::read(&applied).unwrap(),
+                "{} {requant}",
+                method.name()
+            );
+            outputs.push(bytes);
+        }
     }
+    // The modes give different files (the test compares three different things).
+    assert!(outputs[0] != outputs[2] && outputs[2] != outputs[4] && outputs[0] != outputs[4]);
+    // Through the command line: apply's --seed is the merge's, for stochastic rounding, and
+    // the thread count does not matter.
+    let cli = |args: &[&str], threads: &str, out: &Path| {
+        let mut all: Vec<&str> = args.to_vec();
+        all.extend([
+            "--requant",
+            "grid-stochastic",
+            "--seed",
+            "7",
+            "-t",
+            threads,
+            "-q",
+            "-o",
+            common::s(out),
+        ]);
+        let o = common::ggmerge(&all);
+        assert!(o.status.success(), "{}", common::text(&o.stderr));
+        common::text(&o.stdout)
+    };
+    let base = common::smollm2();
+    let (merged, applied) = (dir.path().join("m.gguf"), dir.path().join("p.gguf"));
+    #[rustfmt::skip]
+    let summary = cli(&["merge", "--base", common::s(&base), "--method", "dare_ties",
+        "--model", common::s(a), "--weight", "0.6", "--density", "0.1",
+        "--model", common::s(b), "--weight", "0.4", "--density", "0.1"], "2", &merged);
+    assert!(summary.contains("requant:    grid-stochastic"), "{summary}");
+    let pa_w = format!("{}:0.6", pa.display());
+    let pb_w = format!("{}:0.4", pb.display());
+    #[rustfmt::skip]
+    cli(&["apply", "--base", common::s(&base), "--method", "dare_ties",
+        "--expert", &pa_w, "--expert", &pb_w], "1", &applied);
+    assert!(std::fs::read(&merged).unwrap() == std::fs::read(&applied).unwrap());
 }
 
 #[test]
@@ -318,6 +363,7 @@ fn cached_kept_indices_give_the_tensors_apply_writes() {
             out_type: None,
             seed: None,
             threads: Some(2),
+            requant: None,
         };
         plan(cfg, inputs, &o).unwrap()
     };

@@ -209,6 +209,7 @@ fn tiny_expert_beats_its_base_through_the_whole_pipeline() {
             n_ctx: 64,
             n_batch: 64,
             threads: Some(1),
+            ..Default::default()
         },
         Some(1),
         1 << 30,

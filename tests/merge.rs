@@ -488,3 +488,352 @@ fn mergekit_yaml_and_short_form_cli() {
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains("slices"));
 }
+
+/// A general English text of ~230 tokens, for perplexity at a context of 64 (three chunks).
+const PPL_TEXT: &str = "The history of the city begins with a small settlement on the river. Over \
+the centuries, merchants built warehouses along the banks, and the town grew into a busy port. \
+Bridges were added, then a cathedral, a university and wide avenues lined with trees. Today the \
+city is known for its museums, its food markets and its music, and visitors come from all over \
+the world to walk its streets, to sit in its cafes and to watch the boats on the river at sunset. \
+In winter the squares fill with lights and small stalls selling warm drinks, and in summer the \
+parks are crowded with families, students and musicians playing for passers-by. The first \
+printing presses in Europe were built in the fifteenth century, and within fifty years books \
+were printed in more than two hundred cities. The price of books fell sharply, and the number of \
+people who could afford to own them grew just as quickly. Scholars were able to compare \
+identical copies of a text, which made it easier to correct errors and to build on the work of \
+others. Pamphlets and broadsheets carried news, advertisements and political arguments to \
+readers who had never held a manuscript.";
+
+/// Perplexity of [`PPL_TEXT`] under llama.cpp with the model at `path` (context 64).
+fn perplexity(path: &Path) -> f64 {
+    use ggmerge::runtime::{Model, ModelOptions, SessionOptions};
+    let model = Model::load(path, &ModelOptions::default()).unwrap();
+    let mut s = model
+        .session(&SessionOptions {
+            n_ctx: 64,
+            n_batch: 64,
+            threads: Some(2),
+            ..Default::default()
+        })
+        .unwrap();
+    s.perplexity(PPL_TEXT, &NoProgress).unwrap().ppl
+}
+
+/// Merges `cfg` with `requant` on `threads` threads into `out`; checks what the report says
+/// about the grid (every merged tensor on it, blocks counted) and returns it.
+fn grid_merge(
+    cfg: &MergeConfig,
+    out: &Path,
+    requant: ggmerge::quant::Requant,
+    threads: usize,
+) -> ggmerge::flows::merge::MergeReport {
+    let o = MergeOptions {
+        requant: Some(requant),
+        ..opts(out, threads)
+    };
+    let r = merge_models(cfg, &o, &NoProgress).unwrap();
+    assert_eq!(r.requant, requant);
+    let g = r.grid.clone().expect("grid report");
+    // Every type these fixtures merge (Q4_1, Q8_0; Q4_K, Q6_K, Q5_0) has a grid.
+    assert_eq!(g.tensors, r.merged, "{g:?}");
+    assert!(
+        g.full_types.is_empty() && g.other_type_tensors == 0,
+        "{g:?}"
+    );
+    assert!(g.blocks.moved > 0, "{g:?}");
+    r
+}
+
+/// A quantized merge measured against the exact merge (the same merge written as F32), over
+/// the tensors the merge changed (exact ≠ base somewhere).
+#[derive(Debug, Default)]
+struct Against {
+    /// Changed tensors.
+    tensors: usize,
+    /// Blocks of the changed tensors byte-identical to the base's.
+    same_blocks: u64,
+    /// Σ (q(merged) − exact)²: the requantization error.
+    sq_err: f64,
+    /// Σ Δ² with Δ = exact − base: the merged delta.
+    sq_delta: f64,
+    /// Σ (q(merged) − base) · Δ.
+    dot: f64,
+    /// Elements the merge left unchanged (Δ = 0) …
+    unchanged: u64,
+    /// … whose decoded value is not the base's any more.
+    unchanged_moved: u64,
+}
+
+impl Against {
+    /// ⟨q(merged) − base, Δ⟩ / ⟨Δ, Δ⟩, as the report computes it.
+    fn retention(&self) -> f64 {
+        self.dot / self.sq_delta
+    }
+    /// RMS error of the merged weights relative to the merged delta's RMS.
+    fn rel_err(&self) -> f64 {
+        (self.sq_err / self.sq_delta).sqrt()
+    }
+}
+
+/// Measures `out` (the base's types) against `exact` (the same merge at F32) and `base`.
+/// Tensors the merge did not change must be the base's bytes.
+fn against_exact(base: &Path, exact: &Path, out: &Path) -> Against {
+    let deq = |t: &ggmerge::format::gguf::TensorRef<'_>| {
+        let mut v = vec![0f32; t.info.n_elements() as usize];
+        ggmerge::quant::dequantize(t.info.ty, t.data, &mut v, &t.info.name).unwrap();
+        v
+    };
+    let (base, exact, out) = (
+        GgufModel::open(base).unwrap(),
+        GgufModel::open(exact).unwrap(),
+        GgufModel::open(out).unwrap(),
+    );
+    let mut a = Against::default();
+    for ((b, x), y) in base.tensors().zip(exact.tensors()).zip(out.tensors()) {
+        assert_eq!(b.info.ty, y.info.ty, "{}", b.info.name);
+        let (vb, vx) = (deq(&b), deq(&x));
+        if vb == vx {
+            assert!(
+                b.data == y.data,
+                "{}: unchanged, not the base's bytes",
+                b.info.name
+            );
+            continue;
+        }
+        a.tensors += 1;
+        let bytes = b.info.ty.type_size() as usize;
+        a.same_blocks += b
+            .data
+            .chunks_exact(bytes)
+            .zip(y.data.chunks_exact(bytes))
+            .filter(|(p, q)| p == q)
+            .count() as u64;
+        for ((&vb, &vx), vy) in vb.iter().zip(&vx).zip(deq(&y)) {
+            let d = f64::from(vx - vb);
+            a.sq_err += f64::from(vy - vx).powi(2);
+            a.sq_delta += d * d;
+            a.dot += f64::from(vy - vb) * d;
+            if vx == vb {
+                a.unchanged += 1;
+                a.unchanged_moved += u64::from(vy != vb);
+            }
+        }
+    }
+    a
+}
+
+/// Retention on the grid: stochastic rounding keeps the delta in expectation, over millions of
+/// elements within a few percent (measured 0.99–1.00); nearest rounding loses what is below
+/// half a step. The report (per type, weighted by tensor) says the same within a few percent.
+fn check_retention(
+    requant: ggmerge::quant::Requant,
+    m: &Against,
+    r: &ggmerge::flows::merge::MergeReport,
+) {
+    let n: usize = r.retention.iter().map(|t| t.tensors).sum();
+    let reported = r
+        .retention
+        .iter()
+        .map(|t| t.retention * t.tensors as f64)
+        .sum::<f64>()
+        / n as f64;
+    if requant == ggmerge::quant::Requant::GridStochastic {
+        assert!((m.retention() - 1.0).abs() < 0.05, "{m:?}");
+        assert!((reported - 1.0).abs() < 0.05, "{reported}");
+    } else {
+        assert!(m.retention() < 0.9, "{m:?}");
+    }
+}
+
+#[test]
+fn grid_merges_of_smollm2_keep_untouched_weights_load_in_llama_cpp_and_are_thread_independent() {
+    use ggmerge::quant::Requant;
+    let (_d, a, b) = smol_experts();
+    let dir = common::tempdir();
+    let base = common::smollm2();
+    // DARE at density 0.1: 90% of the delta elements are zero, the rest rescaled ×10 (still
+    // ~1/30 of a Q4_1 step: the experts' deltas are 1e-3 of each tensor's RMS).
+    let cfg = config(Method::DareTies, &base, &[(a, 0.5, 0.1), (b, 0.5, 0.1)]);
+    let base_ppl = perplexity(&base);
+    let base_logits = llama_logits(&base);
+    let argmax = |v: &[f32]| {
+        v.iter()
+            .enumerate()
+            .max_by(|x, y| x.1.total_cmp(y.1))
+            .unwrap()
+            .0
+    };
+    let exact = dir.path().join("exact.gguf");
+    let o = MergeOptions {
+        out_type: Some("F32".into()),
+        ..opts(&exact, 2)
+    };
+    merge_models(&cfg, &o, &NoProgress).unwrap();
+    let full = dir.path().join("full.gguf");
+    let r = merge_models(&cfg, &opts(&full, 2), &NoProgress).unwrap();
+    assert_eq!(r.requant, Requant::Full);
+    assert!(r.grid.is_none());
+    let vs_full = against_exact(&base, &exact, &full);
+    // Full requantization rounds weights the merge left alone again (a fifth of them, measured)
+    // and rounds most of the small delta away.
+    assert!(
+        vs_full.unchanged_moved * 10 > vs_full.unchanged,
+        "{vs_full:?}"
+    );
+    assert!(vs_full.retention() < 0.5, "{vs_full:?}");
+    for requant in [Requant::Grid, Requant::GridStochastic] {
+        let one = dir.path().join(format!("{requant}-1.gguf"));
+        let two = dir.path().join(format!("{requant}-2.gguf"));
+        let r = grid_merge(&cfg, &one, requant, 1);
+        grid_merge(&cfg, &two, requant, 2);
+        let bytes = std::fs::read(&one).unwrap();
+        assert!(bytes == std::fs::read(&two).unwrap(), "{requant}: threads");
+        std::fs::remove_file(&two).unwrap();
+        assert!(
+            bytes != std::fs::read(&full).unwrap(),
+            "{requant}: same as full"
+        );
+        drop(bytes);
+        let g = r.grid.clone().unwrap();
+        let m = against_exact(&base, &exact, &one);
+        assert_eq!(m.tensors, g.tensors, "{requant}");
+        // Blocks with no change keep the base's bytes (others may too, by chance); elements
+        // the merge left alone keep their values except in blocks requantized in full.
+        assert!(
+            m.same_blocks >= g.blocks.kept && g.blocks.kept > 0,
+            "{requant}: {g:?} {m:?}"
+        );
+        assert!(
+            m.unchanged_moved <= 32 * g.blocks.fallback,
+            "{requant}: {g:?} {m:?}"
+        );
+        assert!(
+            m.unchanged_moved * 50 < vs_full.unchanged_moved,
+            "{requant}: {m:?}"
+        );
+        check_retention(requant, &m, &r);
+        if requant == Requant::Grid {
+            // Measured: 0.99 of the delta's RMS against full's 1.22.
+            assert!(m.rel_err() < 0.9 * vs_full.rel_err(), "{m:?} {vs_full:?}");
+        }
+        // Loaded by llama.cpp; a small delta leaves its next-token choice and perplexity.
+        let logits = llama_logits(&one);
+        assert!(logits.iter().all(|v| v.is_finite()), "{requant}");
+        assert_ne!(logits, base_logits);
+        assert_eq!(argmax(&logits), argmax(&base_logits), "{requant}");
+        let ppl = perplexity(&one);
+        assert!(
+            ppl.is_finite() && (ppl / base_ppl - 1.0).abs() < 0.1,
+            "{requant}: perplexity {ppl} against the base's {base_ppl}"
+        );
+    }
+}
+
+#[test]
+fn grid_merges_of_gemma3_q4_k_m_keep_its_types_and_untouched_weights_load_and_evaluate() {
+    use ggmerge::quant::Requant;
+    let dir = common::tempdir();
+    let a = dir.path().join("a.q8.gguf");
+    let b = dir.path().join("b.q8.gguf");
+    // Real K-quant blocks (Q4_K, Q6_K) and Q5_0/Q8_0: every type of the mixture on the grid.
+    make_expert(
+        &common::gemma3(),
+        &a,
+        3,
+        2e-2,
+        GgmlType::Q8_0,
+        &["blk.0.", "blk.1."],
+    );
+    make_expert(
+        &common::gemma3(),
+        &b,
+        4,
+        2e-2,
+        GgmlType::Q8_0,
+        &["blk.2.", "blk.3."],
+    );
+    let base = common::gemma3();
+    let cfg = config(Method::DareTies, &base, &[(&a, 0.5, 0.1), (&b, 0.5, 0.1)]);
+    let base_ppl = perplexity(&base);
+    let exact = dir.path().join("exact.gguf");
+    let o = MergeOptions {
+        out_type: Some("F32".into()),
+        ..opts(&exact, 2)
+    };
+    merge_models(&cfg, &o, &NoProgress).unwrap();
+    let full = dir.path().join("full.gguf");
+    merge_models(&cfg, &opts(&full, 2), &NoProgress).unwrap();
+    let vs_full = against_exact(&base, &exact, &full);
+    // ggml's K-quant scale search moves a third of the weights the merge left alone.
+    assert!(
+        vs_full.unchanged_moved * 10 > vs_full.unchanged,
+        "{vs_full:?}"
+    );
+    std::fs::remove_file(&full).unwrap();
+    for requant in [Requant::Grid, Requant::GridStochastic] {
+        let out = dir.path().join(format!("{requant}.gguf"));
+        let r = grid_merge(&cfg, &out, requant, 2);
+        let g = r.grid.clone().unwrap();
+        let types: Vec<&str> = r.retention.iter().map(|t| t.ty.as_str()).collect();
+        for ty in ["Q4_K", "Q6_K", "Q5_0", "Q8_0"] {
+            assert!(types.contains(&ty), "{ty} not merged: {types:?}");
+        }
+        let m = against_exact(&base, &exact, &out);
+        assert_eq!(m.tensors, g.tensors, "{requant}");
+        // Hardly a 256-element block escapes a 10% mask: kept blocks are rare here, but
+        // untouched weights move only in the blocks requantized in full (1.5%, measured).
+        assert!(m.same_blocks >= g.blocks.kept, "{requant}: {g:?} {m:?}");
+        assert!(
+            m.unchanged_moved <= 256 * g.blocks.fallback,
+            "{requant}: {g:?} {m:?}"
+        );
+        assert!(
+            m.unchanged_moved * 10 < vs_full.unchanged_moved,
+            "{requant}: {m:?}"
+        );
+        check_retention(requant, &m, &r);
+        if requant == Requant::Grid {
+            // Measured: 0.700 of the delta's RMS against full's 0.720.
+            assert!(m.rel_err() < vs_full.rel_err(), "{m:?} {vs_full:?}");
+        }
+        assert!(
+            llama_logits(&out).iter().all(|v| v.is_finite()),
+            "{requant}"
+        );
+        let ppl = perplexity(&out);
+        assert!(
+            ppl.is_finite() && ppl < 2.0 * base_ppl,
+            "{requant}: perplexity {ppl} against the base's {base_ppl}"
+        );
+        std::fs::remove_file(&out).unwrap();
+    }
+}
+#[test]
+fn out_of_range_blocks_are_counted_in_the_cli_summary() {
+    // A large delta (rescaled ×10 by DARE) pushes some values past their block's range: those
+    // blocks are requantized in full, and the summary says how many.
+    let (_d, a, _b) = smol_experts();
+    let dir = common::tempdir();
+    let out = dir.path().join("big.gguf");
+    let base = common::smollm2();
+    #[rustfmt::skip]
+    let o = common::ggmerge(&["merge", "--base", common::s(&base), "--method", "dare_linear",
+        "--model", common::s(a), "--weight", "30", "--density", "0.1", "--requant", "grid",
+        "-t", "2", "-q", "-o", common::s(&out)]);
+    assert!(o.status.success(), "{}", common::text(&o.stderr));
+    let s = common::text(&o.stdout);
+    let line = s
+        .lines()
+        .find(|l| l.contains("requant:"))
+        .unwrap_or_default();
+    let fallback: u64 = line
+        .split(" moved, ")
+        .nth(1)
+        .and_then(|t| t.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in {line:?}"));
+    assert!(
+        fallback > 0 && line.contains("out of the grid's range"),
+        "{s}"
+    );
+}

@@ -31,6 +31,7 @@ fn session(model: &Model, n_ctx: u32) -> Session<'_> {
             n_ctx,
             n_batch: 512,
             threads: Some(THREADS),
+            ..Default::default()
         })
         .unwrap()
 }
@@ -506,6 +507,7 @@ fn score_answer_smollm2() {
             n_ctx: 128,
             n_batch: 8,
             threads: Some(THREADS),
+            ..Default::default()
         })
         .unwrap();
     for (answer, full) in [(" Paris", &paris), (" Banana bread", &wrong)] {

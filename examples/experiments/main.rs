@@ -5,6 +5,7 @@
 //! ```sh
 //! cargo run --release --example experiments -- data DIR [--facts N] [--repeats N]  # into DIR/data
 //! cargo run --release --example experiments -- run DIR [-t N]    # every table, into docs/
+//! cargo run --release --example experiments -- run DIR [-t N] --only requant-modes  # one, printed
 //! ```
 //!
 //! `run` expects in DIR: `smollm2-135m-f32.gguf` (the base), `expert-capitals.gguf` and
@@ -19,8 +20,12 @@
 //!
 //! `run` is one function per experiment, in the order of docs/results.md — [`baselines`] (0),
 //! [`drop_rate`] (1), [`merges`] (2), [`quantized`] (3), [`requantized`] (4), [`packs`] (5),
-//! [`wall_times`] — each appending its table to a shared [`Lab`] (paths, the loaded base, the
-//! report, timings).
+//! [`requant_modes`] (6), [`wall_times`] — each appending its table to a shared [`Lab`]
+//! (paths, the loaded base, the report, timings).
+//!
+//! `run DIR --only NAME` runs one experiment that needs no other (`quantized`, `requantized`,
+//! `requant-modes`) and prints its table instead of writing docs/ (with
+//! `GGMERGE_EXPERIMENTS_QUICK=1`: a smoke test of that experiment).
 
 mod plot;
 
@@ -32,10 +37,13 @@ use std::time::Instant;
 use anyhow::{anyhow, Context as _, Result};
 use ggmerge::flows::extract::{extract_delta, ExtractOptions, ExtractReport};
 use ggmerge::flows::facts;
+use ggmerge::flows::merge::MergeReport;
+use ggmerge::format::gguf::GgufModel;
 use ggmerge::format::GgmlType;
 use ggmerge::merge::config::{ConfigSource, MergeConfig, Method, ModelEntry, ParamValue, Rescale};
 use ggmerge::merge::method::Sparsifier;
 use ggmerge::quant::mixture::Target;
+use ggmerge::quant::Requant;
 use ggmerge::runtime::{Expert, ExpertSession};
 use ggmerge::runtime::{Model, ModelOptions, Session, SessionOptions};
 use ggmerge::{merge_models, quantize_model, MergeOptions, NoProgress, QuantizeOptions};
@@ -51,6 +59,13 @@ const REPEATS: usize = 3;
 const DENSITIES: [f64; 6] = [1.0, 0.5, 0.3, 0.1, 0.05, 0.01];
 /// Mask seeds wherever a result is random.
 const SEEDS: [u64; 3] = [1, 2, 3];
+
+/// Quantized bases of experiment 6 (the outputs keep their types).
+const GRID_TYPES: [&str; 3] = ["Q4_1", "Q4_K_M", "Q8_0"];
+/// Densities of experiment 6: 1 is task arithmetic, below it [`GRID_DARE`].
+const GRID_DENSITIES: [f64; 4] = [1.0, 0.3, 0.1, 0.03];
+/// The DARE method of experiment 6 (experiment 4's, for comparison).
+const GRID_DARE: Method = Method::DareTies;
 
 /// `GGMERGE_EXPERIMENTS_QUICK=1`: one seed, fewer densities, weights and types — a smoke test
 /// of the whole pipeline, not results.
@@ -253,6 +268,7 @@ impl Lab {
             n_ctx,
             n_batch: n_ctx,
             threads: self.threads,
+            ..Default::default()
         }
     }
 
@@ -291,6 +307,21 @@ impl Lab {
         let report = extract_delta(base, expert, &out, &opts, &NoProgress)
             .with_context(|| format!("extracting {}", out.display()))?;
         Ok((out, Some(report)))
+    }
+
+    /// `src` quantized to `ty` (a type or mixture) by `ggmerge quantize`, cached in the work
+    /// directory as `{tag}-{ty}.gguf`.
+    fn quantized(&self, src: &Path, tag: &str, ty: &str) -> Result<PathBuf> {
+        let out = self.work.join(format!("{tag}-{ty}.gguf"));
+        if !out.exists() {
+            let opts = QuantizeOptions {
+                target: Target::parse(ty, false)?,
+                threads: self.threads,
+            };
+            quantize_model(src, &out, &opts, &NoProgress)
+                .with_context(|| format!("quantizing {} to {ty}", src.display()))?;
+        }
+        Ok(out)
     }
 
     /// Scores both domains (or only `only`) with `packs` at `weights` applied to `model`.
@@ -662,22 +693,11 @@ fn quantized(lab: &mut Lab) -> Result<()> {
         let (qbase, qexperts) = if ty == "F32" {
             (base.clone(), lab.experts.clone())
         } else {
-            let q = |p: &Path, tag: &str| -> Result<PathBuf> {
-                let out = lab.work.join(format!("{tag}-{ty}.gguf"));
-                if !out.exists() {
-                    let opts = QuantizeOptions {
-                        target: Target::parse(ty, false)?,
-                        threads: lab.threads,
-                    };
-                    quantize_model(p, &out, &opts, &NoProgress)?;
-                }
-                Ok(out)
-            };
             (
-                q(&base, "base")?,
+                lab.quantized(&base, "base", ty)?,
                 [
-                    q(&lab.experts[0], "capitals")?,
-                    q(&lab.experts[1], "birthplaces")?,
+                    lab.quantized(&lab.experts[0], "capitals", ty)?,
+                    lab.quantized(&lab.experts[1], "birthplaces", ty)?,
                 ],
             )
         };
@@ -796,17 +816,7 @@ fn requantized(lab: &mut Lab) -> Result<()> {
                 ..Default::default()
             };
             let report = merge_models(&cfg, &opts, &NoProgress)?;
-            let total: f64 = report
-                .retention
-                .iter()
-                .map(|r| r.retention * r.tensors as f64)
-                .sum::<f64>()
-                / report
-                    .retention
-                    .iter()
-                    .map(|r| r.tensors as f64)
-                    .sum::<f64>()
-                    .max(1.0);
+            let total = retention(&report);
             let s = lab.evaluate_file(&out)?;
             writeln!(
                 lab.md,
@@ -824,6 +834,17 @@ fn requantized(lab: &mut Lab) -> Result<()> {
     writeln!(lab.md)?;
     lab.time("4. requantized merges", t);
     Ok(())
+}
+
+/// A merge's delta retention over all its output types, weighted by tensor.
+fn retention(report: &MergeReport) -> f64 {
+    let tensors = report.retention.iter().map(|r| r.tensors as f64);
+    report
+        .retention
+        .iter()
+        .map(|r| r.retention * r.tensors as f64)
+        .sum::<f64>()
+        / tensors.sum::<f64>().max(1.0)
 }
 
 /// Experiment 5: delta packs, their size (from experiment 1's `curve`), and run-time
@@ -914,6 +935,184 @@ fn packs(lab: &mut Lab, curve: &[CurvePoint]) -> Result<()> {
     Ok(())
 }
 
+/// RMS of q(merged) − exact over RMS of exact − base, over the tensors the merge changed
+/// (exact ≠ base somewhere): the requantization error relative to the merged delta. `exact` is
+/// the same merge written as F32; `out` and `base` have the base's types.
+fn relative_rms_error(base: &Path, exact: &Path, out: &Path) -> Result<f64> {
+    let open = |p: &Path| GgufModel::open(p).with_context(|| format!("reading {}", p.display()));
+    let (base, exact, out) = (open(base)?, open(exact)?, open(out)?);
+    let decode = |t: &ggmerge::format::gguf::TensorRef<'_>| -> Result<Vec<f32>> {
+        let mut v = vec![0f32; usize::try_from(t.info.n_elements())?];
+        ggmerge::quant::dequantize(t.info.ty, t.data, &mut v, &t.info.name)?;
+        Ok(v)
+    };
+    let (mut err, mut delta) = (0f64, 0f64);
+    for b in base.tensors() {
+        let name = &b.info.name;
+        let (Some(x), Some(y)) = (exact.tensor_by_name(name), out.tensor_by_name(name)) else {
+            return Err(anyhow!("{name}: missing from a merged file"));
+        };
+        let (vb, vx) = (decode(&b)?, decode(&x)?);
+        if vb == vx {
+            continue;
+        }
+        for ((b, x), y) in vb.iter().zip(&vx).zip(decode(&y)?) {
+            err += f64::from(y - x).powi(2);
+            delta += f64::from(x - b).powi(2);
+        }
+    }
+    Ok((err / delta.max(f64::MIN_POSITIVE)).sqrt())
+}
+
+/// `expert` re-based onto the quantized base `qbase`: qbase's values plus the fine-tune's exact
+/// delta (expert − F32 base), as F32 (task arithmetic of both against the F32 base, weight 1
+/// each). Merging it into `qbase` merges exactly the F32 experiment's delta.
+fn rebase(lab: &Lab, expert: &Path, qbase: &Path, out: &Path) -> Result<()> {
+    let cfg = mixture_config(
+        &lab.base,
+        &[(expert, 1.0), (qbase, 1.0)],
+        Method::TaskArithmetic,
+    );
+    let opts = MergeOptions {
+        output: out.to_path_buf(),
+        out_type: Some("F32".into()),
+        threads: lab.threads,
+        force: true,
+        ..Default::default()
+    };
+    merge_models(&cfg, &opts, &NoProgress)
+        .with_context(|| format!("re-basing {} onto {}", expert.display(), qbase.display()))?;
+    Ok(())
+}
+
+/// Experiment 6: both experts merged into a quantized base, the output in the base's types,
+/// with each requantization mode (`--requant full|grid|grid-stochastic`) against the exact
+/// (F32) merge.
+fn requant_modes(lab: &mut Lab) -> Result<()> {
+    let t = Instant::now();
+    let names = lab.names();
+    let types: &[&str] = pick(&GRID_TYPES);
+    let densities: &[f64] = if quick() {
+        &[1.0, 0.1]
+    } else {
+        &GRID_DENSITIES
+    };
+    let mut md = String::new();
+    writeln!(
+        md,
+        "## 6. Merging into a quantized base: full, grid and grid-stochastic requantization\n"
+    )?;
+    writeln!(md, "The F32 base quantized with `ggmerge quantize`; each expert re-based onto it (the quantized base's values plus the fine-tune's exact delta, as F32), so that merging both into the quantized base (w = 0.75 each, output in the base's types) merges exactly the deltas of the F32 experiments and only the requantization differs. Density 1 is task_arithmetic, below it {} (seed 1). Per `--requant` mode: retention as in experiment 4; the RMS error of the merged weights against the exact merge (the same merge written as F32), relative to the merged delta's RMS, over the tensors the merge changed; of the blocks on the base's grid, the share that moved and the share requantized in full (a value beyond the grid's range); the facts' exact match and answer log-likelihood; the perplexity of the two held-out texts (mean). Rows `exact (F32)`: the merge without requantization; rows `base`: the quantized base alone.\n", GRID_DARE.name())?;
+    writeln!(md, "| base type | density | requant | retention | RMS error / delta RMS | blocks moved / full | {} exact | {} exact | {} log-lik. | {} log-lik. | held-out ppl |", names[0], names[1], names[0], names[1])?;
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|")?;
+    let mut rows = Vec::new();
+    let base = lab.base.clone();
+    for &ty in types {
+        let qbase = lab.quantized(&base, "base", ty)?;
+        let row = |md: &mut String, density: &str, mode: &str, cells: &str, s: &[Score; 2]| {
+            writeln!(
+                md,
+                "| {ty} | {density} | {mode} | {cells} | {:.0}% | {:.0}% | {:.2} | {:.2} | {:.2} |",
+                100.0 * s[0].exact,
+                100.0 * s[1].exact,
+                s[0].logprob,
+                s[1].logprob,
+                (s[0].ppl + s[1].ppl) / 2.0
+            )
+        };
+        let s = lab.evaluate_file(&qbase)?;
+        row(&mut md, "—", "base", "— | — | —", &s)?;
+        // The re-based experts are F32 models (~0.5 GiB each here): made per type, removed
+        // after it.
+        let rebased = [
+            lab.work.join(format!("rebased-capitals-{ty}.gguf")),
+            lab.work.join(format!("rebased-birthplaces-{ty}.gguf")),
+        ];
+        for (e, out) in lab.experts.iter().zip(&rebased) {
+            rebase(lab, e, &qbase, out)?;
+        }
+        for &density in densities {
+            let method = if density >= 1.0 {
+                Method::TaskArithmetic
+            } else {
+                GRID_DARE
+            };
+            let mut cfg =
+                mixture_config(&qbase, &[(&rebased[0], 0.75), (&rebased[1], 0.75)], method);
+            if density < 1.0 {
+                cfg.parameters.set("density", ParamValue::Number(density));
+            }
+            cfg.seed = Some(1);
+            let merge = |out: &Path, out_type: Option<&str>, requant| {
+                let opts = MergeOptions {
+                    output: out.to_path_buf(),
+                    out_type: out_type.map(str::to_string),
+                    threads: lab.threads,
+                    requant: Some(requant),
+                    force: true,
+                    ..Default::default()
+                };
+                merge_models(&cfg, &opts, &NoProgress)
+                    .with_context(|| format!("merging into {}", out.display()))
+            };
+            let exact = lab.work.join(format!("grid-exact-{ty}.gguf"));
+            merge(&exact, Some("F32"), Requant::Full)?;
+            let s = lab.evaluate_file(&exact)?;
+            row(
+                &mut md,
+                &density.to_string(),
+                "exact (F32)",
+                "— | 0 | —",
+                &s,
+            )?;
+            for requant in Requant::ALL {
+                let out = lab.work.join(format!("grid-{requant}-{ty}.gguf"));
+                let report = merge(&out, None, requant)?;
+                let kept = retention(&report);
+                let err = relative_rms_error(&qbase, &exact, &out)?;
+                let blocks = match &report.grid {
+                    Some(g) => {
+                        let b = &g.blocks;
+                        let all = (b.kept + b.moved + b.fallback).max(1) as f64;
+                        format!(
+                            "{:.0}% / {:.2}%",
+                            100.0 * b.moved as f64 / all,
+                            100.0 * b.fallback as f64 / all
+                        )
+                    }
+                    None => "—".into(),
+                };
+                let s = lab.evaluate_file(&out)?;
+                let cells = format!("{:.0}% | {err:.3} | {blocks}", 100.0 * kept);
+                row(&mut md, &density.to_string(), requant.name(), &cells, &s)?;
+                rows.push(json!({
+                    "type": ty, "method": method.name(), "density": density,
+                    "requant": requant.name(), "retention": kept, "relative_rms_error": err,
+                    "grid": report.grid.as_ref().map(|g| json!({
+                        "kept": g.blocks.kept, "moved": g.blocks.moved,
+                        "fallback": g.blocks.fallback,
+                    })),
+                    "exact": [s[0].exact, s[1].exact],
+                    "logprob": [s[0].logprob, s[1].logprob],
+                    "heldout_ppl": [s[0].ppl, s[1].ppl],
+                    "merge_seconds": report.seconds,
+                }));
+                std::fs::remove_file(&out).ok();
+            }
+            std::fs::remove_file(&exact).ok();
+        }
+        for p in &rebased {
+            std::fs::remove_file(p).ok();
+        }
+    }
+    writeln!(md)?;
+    lab.md.push_str(&md);
+    lab.json
+        .insert("requant_modes".into(), serde_json::Value::Array(rows));
+    lab.time("6. requantization modes", t);
+    Ok(())
+}
+
 /// The wall time of each step, fine-tuning included (from scripts/experiments.sh's files).
 fn wall_times(lab: &mut Lab) -> Result<()> {
     let md = &mut lab.md;
@@ -942,6 +1141,7 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
     quantized(&mut lab)?;
     requantized(&mut lab)?;
     packs(&mut lab, &curve)?;
+    requant_modes(&mut lab)?;
     wall_times(&mut lab)?;
     write_generated(Path::new("docs/results.md"), &lab.md)?;
     write(
@@ -949,6 +1149,44 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
         &serde_json::to_string_pretty(&serde_json::Value::Object(lab.json))?,
     )?;
     Ok(())
+}
+
+/// Experiments `run --only` accepts: those that need no other's results.
+const ALONE: [&str; 3] = ["quantized", "requantized", "requant-modes"];
+
+/// One experiment of [`ALONE`], its table printed (docs/ untouched).
+fn run_only(dir: &Path, threads: Option<usize>, name: &str) -> Result<()> {
+    let mut lab = Lab::open(dir, threads)?;
+    match name {
+        "quantized" => quantized(&mut lab)?,
+        "requantized" => requantized(&mut lab)?,
+        "requant-modes" => requant_modes(&mut lab)?,
+        _ => return Err(anyhow!("--only {name:?}: one of {ALONE:?}")),
+    }
+    print!("{}", lab.md);
+    Ok(())
+}
+
+/// `run`'s options after DIR: `-t N` and `--only NAME`.
+fn run_args(args: &[String]) -> Result<(Option<usize>, Option<String>)> {
+    let (mut threads, mut only) = (None, None);
+    let mut it = args.iter();
+    while let Some(flag) = it.next() {
+        let value = it.next().ok_or_else(|| anyhow!("{flag}: needs a value"))?;
+        match flag.as_str() {
+            "-t" => {
+                threads = Some(
+                    value
+                        .parse()
+                        .map_err(|_| anyhow!("-t {value:?}: not a number"))?,
+                )
+            }
+            "--only" if ALONE.contains(&value.as_str()) => only = Some(value.clone()),
+            "--only" => return Err(anyhow!("--only {value:?}: one of {ALONE:?}")),
+            _ => return Err(anyhow!("unknown option {flag:?} (-t N, --only NAME)")),
+        }
+    }
+    Ok((threads, only))
 }
 
 /// Marks the generated part of docs/results.md; the text around it is written by hand.
@@ -993,18 +1231,14 @@ fn main() -> ExitCode {
             data_args(rest).and_then(|(n, r)| data(&PathBuf::from(dir).join("data"), n, r))
         }
         [cmd, dir, rest @ ..] if cmd == "run" => {
-            let threads = match rest {
-                [] => Ok(None),
-                [t, n] if t == "-t" => n
-                    .parse()
-                    .map(Some)
-                    .map_err(|_| anyhow!("-t {n:?}: not a number")),
-                _ => Err(anyhow!("usage: experiments run DIR [-t N]")),
-            };
-            threads.and_then(|t| run(&PathBuf::from(dir), t))
+            run_args(rest).and_then(|(threads, only)| match only {
+                Some(name) => run_only(&PathBuf::from(dir), threads, &name),
+                None => run(&PathBuf::from(dir), threads),
+            })
         }
         _ => Err(anyhow!(
-            "usage: experiments data DIR [--facts N] [--repeats N] | experiments run DIR [-t N]"
+            "usage: experiments data DIR [--facts N] [--repeats N] | \
+             experiments run DIR [-t N] [--only NAME]"
         )),
     };
     match result {

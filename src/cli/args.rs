@@ -10,7 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use ggmerge::format::ggml_type::{QuantizeSupport, TYPES};
 use ggmerge::format::GgmlType;
 use ggmerge::merge::method::{Method, Rescale, Sparsifier};
-use ggmerge::quant::FTYPES;
+use ggmerge::quant::{Requant, FTYPES};
 
 /// A parser accepting `methods` by their mergekit names.
 fn methods(methods: &'static [Method]) -> impl TypedValueParser<Value = Method> {
@@ -35,6 +35,35 @@ fn rescales() -> impl TypedValueParser<Value = Rescale> {
     PossibleValuesParser::new(Rescale::ALL.map(|r| PossibleValue::new(r.name())))
         .try_map(|s| Rescale::from_name(&s).ok_or("unknown rescale"))
 }
+
+/// Requantization modes, each with its help line.
+pub(super) fn requants() -> impl TypedValueParser<Value = Requant> {
+    let help = |r: Requant| {
+        match r {
+        Requant::Full => "ggml's quantizer on every changed chunk (new scales, every element rounded again)",
+        Requant::Grid => "the base's scales kept: unchanged blocks keep their bytes, changed elements move to the nearest code",
+        Requant::GridStochastic => "as grid, changed elements rounded up or down at random so the expected change equals the delta (seeded by --seed; 0 at run time)",
+    }
+    };
+    PossibleValuesParser::new(Requant::ALL.map(|r| PossibleValue::new(r.name()).help(help(r))))
+        .try_map(|s| Requant::from_name(&s).ok_or("unknown requantization mode"))
+}
+
+/// What `--requant` says, shared by every command that has it.
+macro_rules! requant_help {
+    () => {
+        "How merged tensors that keep the base's type are requantized: full, grid (on the \
+         base's own grid: untouched blocks keep their bytes) or grid-stochastic. Blocks where a \
+         changed value does not fit on the grid are requantized in full (merge and apply count \
+         them in their summary); types without a grid are always requantized in full."
+    };
+}
+pub(super) const REQUANT_HELP: &str = requant_help!();
+/// `merge`'s `--requant`, whose default comes from the config.
+const MERGE_REQUANT_HELP: &str = concat!(
+    requant_help!(),
+    " Default: the config's `requant`, else full."
+);
 
 /// The value types of a pack.
 fn pack_values() -> impl TypedValueParser<Value = GgmlType> {
@@ -198,6 +227,9 @@ pub struct ExpertArgs {
     /// Memory for cached mixtures, MiB (switching back to a cached mixture is a copy).
     #[arg(long, default_value_t = 1024)]
     pub cache_mib: u64,
+    #[arg(long, help = REQUANT_HELP, default_value = Requant::DEFAULT.name(),
+          value_parser = requants(), ignore_case = true)]
+    pub requant: Requant,
     #[command(flatten)]
     pub gpu: GpuArgs,
     /// Say more: the devices, where each layer's weights live (CPU, CPU_REPACK, a GPU), and
@@ -372,6 +404,12 @@ pub struct ApplyArgs {
     /// Output type (default: the base's types); a ggml type or a llama.cpp mixture.
     #[arg(long = "type", value_parser = types_and_mixtures(), ignore_case = true)]
     pub ty: Option<String>,
+    #[arg(long, help = REQUANT_HELP, default_value = Requant::DEFAULT.name(),
+          value_parser = requants(), ignore_case = true)]
+    pub requant: Requant,
+    /// Seed of grid-stochastic rounding (the merge's --seed reproduces its output).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
     /// Threads (default: all cores).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
@@ -468,9 +506,11 @@ pub struct MergeArgs {
     /// mixture (Q4_K_M …). Default: every tensor keeps the base's type.
     #[arg(long = "type", value_parser = types_and_mixtures(), ignore_case = true)]
     pub ty: Option<String>,
-    /// Mask seed (DARE/DELLA): same seed, same output.
+    /// Mask seed (DARE/DELLA) and grid-stochastic rounding seed: same seed, same output.
     #[arg(long)]
     pub seed: Option<u64>,
+    #[arg(long, help = MERGE_REQUANT_HELP, value_parser = requants(), ignore_case = true)]
+    pub requant: Option<Requant>,
     /// Threads (default: all cores).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,

@@ -86,6 +86,7 @@ pub fn run(a: &MergeArgs, m: &ArgMatches) -> anyhow::Result<()> {
         out_type: a.ty.clone(),
         seed: a.seed,
         threads: super::threads(a.threads.or(config.threads)),
+        requant: a.requant,
     };
     if a.dry_run {
         let plan = ggmerge::flows::merge::plan_merge(&config, &opts)?;
@@ -135,8 +136,9 @@ pub fn apply(a: &super::args::ApplyArgs) -> anyhow::Result<()> {
         format: a.format,
         force: a.force,
         out_type: a.ty.clone(),
-        seed: None,
+        seed: Some(a.seed),
         threads: super::threads(a.threads),
+        requant: Some(a.requant),
     };
     let bar = bars::Bars::new(a.quiet);
     let report = merge_models(&config, &opts, &bar)

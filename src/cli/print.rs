@@ -285,12 +285,49 @@ pub fn merge_report(r: &ggmerge::flows::merge::MergeReport, method: &str) {
             t.tensors
         );
     }
+    requant_report(r);
     outln!(
         "  size:       {}, time {:.2} s, {:.1} MB/s",
         mib(r.output_bytes),
         r.seconds,
         r.output_bytes as f64 / 1e6 / r.seconds.max(1e-9)
     );
+}
+
+/// The requantization lines of a merge summary: the mode, and on the grid what happened to
+/// the blocks, which types had no grid (said once) and how many tensors changed type.
+fn requant_report(r: &ggmerge::flows::merge::MergeReport) {
+    let Some(g) = &r.grid else {
+        outln!("  requant:    {}", r.requant);
+        return;
+    };
+    let b = &g.blocks;
+    outln!(
+        "  requant:    {} — {} tensors on the base's grid: {} blocks unchanged, {} moved, {} out of \
+         the grid's range (requantized in full)",
+        r.requant,
+        g.tensors,
+        b.kept,
+        b.moved,
+        b.fallback
+    );
+    if !g.full_types.is_empty() {
+        let types: Vec<String> = g
+            .full_types
+            .iter()
+            .map(|(ty, n)| format!("{ty} ({n} tensors)"))
+            .collect();
+        outln!(
+            "              no grid for {}: requantized in full",
+            types.join(", ")
+        );
+    }
+    if g.other_type_tensors > 0 {
+        outln!(
+            "              {} tensors change type (--type): quantized in full",
+            g.other_type_tensors
+        );
+    }
 }
 
 pub fn convert_report(r: &ggmerge::ConvertReport) {

@@ -18,6 +18,7 @@ fn session_options(a: &ExpertArgs) -> anyhow::Result<SessionOptions> {
     let opts = SessionOptions {
         n_ctx: a.ctx,
         threads: super::threads(a.threads),
+        requant: a.requant,
         ..Default::default()
     };
     opts.validate()?;

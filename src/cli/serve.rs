@@ -7,6 +7,7 @@ use anyhow::{bail, Context};
 use clap::Args;
 
 use ggmerge::merge::method::Method;
+use ggmerge::quant::Requant;
 use ggmerge::runtime::{Expert, SessionOptions};
 use ggmerge::serve::worker::Scheduling;
 use ggmerge::serve::{serve, ServeOptions};
@@ -82,6 +83,9 @@ pub struct ServeArgs {
     /// Decode every prompt whole (no reuse of a previous request's prefix).
     #[arg(long)]
     pub no_prompt_cache: bool,
+    #[arg(long, help = super::args::REQUANT_HELP, default_value = Requant::DEFAULT.name(),
+          value_parser = super::args::requants(), ignore_case = true)]
+    pub requant: Requant,
 }
 
 /// `NAME=PATH` or `PATH` → an expert.
@@ -147,6 +151,7 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
     let session = SessionOptions {
         n_ctx: a.ctx,
         threads: super::threads(a.threads),
+        requant: a.requant,
         ..Default::default()
     };
     session.validate()?;

@@ -23,6 +23,7 @@ use crate::merge::mask::{self, MaskKey};
 use crate::merge::method::{Method, Rescale, Sparsifier};
 use crate::merge::MergeError;
 use crate::progress::Progress;
+use crate::quant::Requant;
 use crate::threads::with_threads;
 
 /// Options of [`extract`].
@@ -240,6 +241,8 @@ pub fn extract(
                 t: 0.0,
                 seed: opts.seed,
                 out_ty: GgmlType::F32,
+                // A pack stores F32 deltas: nothing is requantized.
+                requant: Requant::Full,
                 chunk_elems: engine::DEFAULT_CHUNK_ELEMS,
                 output: JobOutput::SparseDelta,
                 measure: true,

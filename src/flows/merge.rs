@@ -13,7 +13,8 @@ use crate::progress::Progress;
 use crate::threads::with_threads;
 
 pub use crate::merge::plan::{MergePlan, PlannedTensor, TensorAction};
-pub use crate::merge::report::{MergeReport, ModelReport, RetentionReport};
+pub use crate::merge::report::{GridReport, MergeReport, ModelReport, RetentionReport};
+pub use crate::quant::grid::{GridCounts, Requant};
 
 /// Options of [`merge_models`] beyond the config.
 #[derive(Clone, Debug, Default)]
@@ -31,10 +32,13 @@ pub struct MergeOptions {
     /// gives every weight matrix that type; a mixture name (`Q4_K_M`) applies llama.cpp's
     /// per-tensor rules. Overrides the config's `dtype`/`type`.
     pub out_type: Option<String>,
-    /// Mask seed (overrides the config's).
+    /// Mask seed (overrides the config's); also seeds stochastic rounding.
     pub seed: Option<u64>,
     /// Worker threads (`None`: all cores).
     pub threads: Option<usize>,
+    /// How merged tensors of the base's type are requantized (overrides the config's; `None`:
+    /// the config's, else [`Requant::DEFAULT`]).
+    pub requant: Option<Requant>,
 }
 
 /// Resolves a config into a plan without computing anything (`--dry-run` prints it). The
@@ -50,6 +54,7 @@ pub fn plan_merge(config: &MergeConfig, opts: &MergeOptions) -> Result<MergePlan
             out_type: opts.out_type.clone(),
             seed: opts.seed,
             threads: opts.threads,
+            requant: opts.requant,
         };
         Ok(plan(config, inputs, &plan_opts)?)
     })

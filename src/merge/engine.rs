@@ -3,6 +3,11 @@
 //! base and every model chunk by chunk, sparsifies, combines, requantizes and hands the bytes
 //! to the writer slab by slab.
 //!
+//! Requantization follows the job's [`Requant`]: in full (ggml's quantizer; rows left unchanged
+//! keep the base's bytes), or — where the output type is the base's and has a grid codec
+//! ([`crate::quant::grid`]) — on the base's grid, stochastic rounding drawing from the
+//! tensor's [`RoundingKey`] stream.
+//!
 //! Parallelism is over fixed chunks of rows (their layout depends only on the row length), and
 //! every statistic is either an integer sum or a float sum taken in chunk order, so the output
 //! and the report are the same for any thread count.
@@ -11,10 +16,11 @@ use rayon::prelude::*;
 
 use crate::format::GgmlType;
 use crate::merge::kernel::{self, Combine, ModelSparsity, ScaleRule};
-use crate::merge::mask::{self, MaskKey};
+use crate::merge::mask::{self, MaskKey, RoundingKey};
 use crate::merge::measure::{self, DeltaMeasure};
 use crate::merge::method::{Kind, MethodSpec, Rescale, Sparsifier};
 use crate::merge::select::{self, HighHistogram, LowHistogram, RankCut};
+use crate::quant::grid::{self, GridCodec, GridCounts, Requant, Rounding};
 use crate::quant::{codec, QuantError};
 
 /// Elements per chunk (rounded to whole rows) unless a job says otherwise.
@@ -143,6 +149,9 @@ pub struct TensorJob<'a> {
     pub seed: u64,
     /// Output type.
     pub out_ty: GgmlType,
+    /// How merged values are requantized when `out_ty` is the base's type (other outputs are
+    /// always quantized in full).
+    pub requant: Requant,
     /// Elements per chunk of parallel work ([`DEFAULT_CHUNK_ELEMS`]); the output does not
     /// depend on it.
     pub chunk_elems: usize,
@@ -209,6 +218,9 @@ pub struct TensorStats {
     pub retention_num: f64,
     /// ⟨Δ, Δ⟩.
     pub retention_den: f64,
+    /// What on-grid requantization did with the blocks, when the tensor was requantized on the
+    /// base's grid (`None`: in full).
+    pub grid: Option<GridCounts>,
 }
 
 /// Delta RMS over the rounding noise expected from two independent roundings at the base's
@@ -925,6 +937,30 @@ struct ChunkContext {
     step_block: Option<usize>,
     /// Quantization levels of the base's type (step = range / levels).
     step_levels: f64,
+    /// The grid codec when the tensor is requantized on the base's grid.
+    grid: Option<&'static GridCodec>,
+    /// The stochastic rounding stream, for [`Requant::GridStochastic`].
+    rounding: Option<RoundingKey>,
+}
+
+impl ChunkContext {
+    /// The grid codec and rounding stream for `job`: on the grid only for merged output of
+    /// the base's own type, in a mode that asks for it, of a type with a codec.
+    fn grid_of(job: &TensorJob<'_>) -> (Option<&'static GridCodec>, Option<RoundingKey>) {
+        let codec = match job.base {
+            Some(b)
+                if job.requant.on_grid()
+                    && job.output == JobOutput::Merged
+                    && b.ty == job.out_ty =>
+            {
+                grid::grid_of(job.out_ty)
+            }
+            _ => None,
+        };
+        let rounding = (codec.is_some() && job.requant == Requant::GridStochastic)
+            .then(|| RoundingKey::new(job.seed, job.name));
+        (codec, rounding)
+    }
 }
 
 /// The main pass over one chunk: measure the deltas, sparsify, combine (or SLERP), check the
@@ -992,6 +1028,26 @@ fn merge_chunk(
             // Every input value was checked on loading: the parameters did it.
             check_merged(out, job.out_ty, job.name, start)?;
         }
+        if let (Some(codec), Some(b)) = (cx.grid, job.base) {
+            // On the base's grid: unchanged blocks keep their bytes, changed elements move.
+            let base_bytes = &b.data[c.row0 * out_row..(c.row0 + c.rows) * out_row];
+            let draws = |offset: usize, d: &mut [u32]| {
+                if let Some(key) = &cx.rounding {
+                    key.fill(start + offset as u64, d);
+                }
+            };
+            let rounding = match cx.rounding {
+                Some(_) => Rounding::Stochastic(&draws),
+                None => Rounding::Nearest,
+            };
+            st.grid = Some(grid::requantize(
+                codec, base_bytes, base, out, bytes, rounding,
+            ));
+            if job.measure {
+                (st.retention_num, st.retention_den) = retention(job.out_ty, bytes, out, base);
+            }
+            return Ok(st);
+        }
         // Rows the merge leaves exactly as they were keep the base's own bytes:
         // requantizing dequantized values is not always the identity (K-quants search
         // their scales), and an untouched row must not change.
@@ -1028,6 +1084,7 @@ fn merge_slabs<E: std::error::Error + 'static>(
     let m = job.models.len();
     let prep = prepare(job, &chunks, &offsets).map_err(MergeTensorError::Engine)?;
     let base_ty = job.base.map(|b| b.ty);
+    let (grid, rounding) = ChunkContext::grid_of(job);
     let cx = ChunkContext {
         combine: Combine {
             consensus: job.method.consensus,
@@ -1042,6 +1099,8 @@ fn merge_slabs<E: std::error::Error + 'static>(
         step_levels: base_ty.map_or(1.0, |t| {
             (2f64.powf(t.bits_per_weight().round()) - 1.0).max(1.0)
         }),
+        grid,
+        rounding,
     };
 
     let mut stats = TensorStats {
@@ -1049,6 +1108,7 @@ fn merge_slabs<E: std::error::Error + 'static>(
         zero_deltas: vec![0; m],
         delta_sumsq: vec![0.0; m],
         kept: vec![0; m],
+        grid: cx.grid.map(|_| GridCounts::default()),
         ..TensorStats::default()
     };
     let chunks_per_slab = (SLAB_BYTES / (out_row * job.rows_per_chunk()).max(1)).max(1);
@@ -1097,6 +1157,9 @@ fn merge_slabs<E: std::error::Error + 'static>(
             stats.step_blocks += st.step_blocks;
             stats.retention_num += st.retention_num;
             stats.retention_den += st.retention_den;
+            if let (Some(total), Some(counts)) = (&mut stats.grid, &st.grid) {
+                total.add(counts);
+            }
         }
         if dst.is_none() {
             write(owned).map_err(MergeTensorError::Write)?;
@@ -1297,6 +1360,7 @@ mod tests {
             t: 0.5,
             seed: 1,
             out_ty: GgmlType::F32,
+            requant: Requant::Full,
             chunk_elems: DEFAULT_CHUNK_ELEMS,
             output: JobOutput::Merged,
             measure: true,
@@ -1521,5 +1585,243 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Weight-like values (a fixed pseudo-random pattern, scale ~0.05).
+    fn weights(n: usize, salt: usize) -> Vec<f32> {
+        (0..n)
+            .map(|i| {
+                let x = ((i * 7919 + salt * 104_729) % 10_007) as f32 / 10_007.0 - 0.5;
+                let y = (((i + salt) * 31) % 101) as f32 / 101.0 - 0.5;
+                (x + 0.5 * y) * 0.08
+            })
+            .collect()
+    }
+
+    /// `values` quantized to `ty` and decoded again.
+    fn quantized(ty: GgmlType, values: &[f32], n_per_row: usize) -> (Vec<u8>, Vec<f32>) {
+        let row = ty.row_bytes(n_per_row as u64).unwrap() as usize;
+        let mut bytes = vec![0u8; row * values.len() / n_per_row];
+        codec::quantize(ty, values, n_per_row as u64, &mut bytes, "t").unwrap();
+        let mut decoded = vec![0f32; values.len()];
+        codec::dequantize(ty, &bytes, &mut decoded, "t").unwrap();
+        (bytes, decoded)
+    }
+
+    const TASK_ARITHMETIC: MethodSpec = MethodSpec {
+        kind: Kind::TaskVector,
+        sparsifier: Sparsifier::None,
+        consensus: false,
+        normalize: false,
+        rescale: Rescale::None,
+    };
+
+    /// A job merging `model` (F32) into the quantized `base` (of `ty`) with weight 1, output in
+    /// the base's type.
+    fn grid_job<'a>(
+        ty: GgmlType,
+        base: &'a [u8],
+        model: &'a [u8],
+        n_per_row: usize,
+        requant: Requant,
+        seed: u64,
+    ) -> TensorJob<'a> {
+        let n_rows = model.len() / 4 / n_per_row;
+        TensorJob {
+            name: "blk.0.ffn_down.weight",
+            n_per_row,
+            n_rows,
+            base: Some(InputTensor::new(base, ty, n_per_row as u64, "t").unwrap()),
+            models: vec![ModelInput::Dense(
+                InputTensor::new(model, GgmlType::F32, n_per_row as u64, "t").unwrap(),
+            )],
+            params: vec![p(1.0, 1.0, 0)],
+            method: TASK_ARITHMETIC,
+            lambda: 1.0,
+            t: 0.5,
+            seed,
+            out_ty: ty,
+            requant,
+            chunk_elems: DEFAULT_CHUNK_ELEMS,
+            output: JobOutput::Merged,
+            measure: true,
+            rows_done: None,
+            slabs: None,
+        }
+    }
+
+    fn merged_bytes(job: &TensorJob<'_>) -> (Vec<u8>, TensorStats) {
+        let mut out = Vec::new();
+        let st = merge_tensor(job, &mut |b| {
+            out.extend_from_slice(&b);
+            Ok::<(), std::convert::Infallible>(())
+        })
+        .map_err(|_| "merge failed")
+        .unwrap();
+        (out, st)
+    }
+
+    #[test]
+    fn stochastic_rounding_keeps_a_small_delta_in_expectation_over_seeds() {
+        // Every element moved by a tenth of its grid step towards the inside of its grid (so
+        // never clamped at an extreme level; task arithmetic, weight 1): on the grid, nearest
+        // rounding keeps none of it; stochastic rounding, averaged over seeds (each a
+        // different Philox rounding stream), keeps all of it. Measured along the delta's
+        // signs; bound: 6 σ of the mean of two-point draws (a gap² / 4 variance at most per
+        // element), plus f32 rounding.
+        const SEEDS: u64 = 300;
+        for codec in &grid::GRIDS {
+            let n_per_row = codec.block * 2;
+            let (bytes, base) = quantized(codec.ty, &weights(n_per_row, 1), n_per_row);
+            let mut delta = vec![0f32; n_per_row];
+            let mut gaps = vec![0f64; n_per_row];
+            for (k, block) in bytes.chunks_exact(codec.bytes).enumerate() {
+                let mut groups = [grid::Affine::default(); 16];
+                (codec.groups)(block, &mut groups[..codec.block / codec.group]);
+                let mut codes = vec![0u8; codec.block];
+                (codec.unpack)(block, &mut codes);
+                for j in 0..codec.block {
+                    let signed = groups[j / codec.group].step;
+                    let step = f64::from(signed.abs());
+                    let inwards = if usize::from(codes[j]) + 1 == codec.levels.count() {
+                        -1.0
+                    } else {
+                        1.0
+                    };
+                    // IQ4's levels are 9–24 apart: the step between neighbours is larger.
+                    let gap = match codec.levels {
+                        grid::Levels::Uniform { .. } => step,
+                        grid::Levels::Table(_) => 24.0 * step,
+                    };
+                    gaps[k * codec.block + j] = gap;
+                    delta[k * codec.block + j] = 0.1 * signed * inwards;
+                }
+            }
+            let model: Vec<f32> = base.iter().zip(&delta).map(|(b, d)| b + d).collect();
+            let model = f32_bytes(&model);
+            let mean_change = |requant, seeds: u64| {
+                let mut sum = 0f64;
+                for seed in 0..seeds {
+                    let job = grid_job(codec.ty, &bytes, &model, n_per_row, requant, seed);
+                    let (out, st) = merged_bytes(&job);
+                    assert_eq!(st.grid.map(|g| g.fallback), Some(0), "{}", codec.ty);
+                    let mut back = vec![0f32; n_per_row];
+                    codec::dequantize(codec.ty, &out, &mut back, "t").unwrap();
+                    sum += back
+                        .iter()
+                        .zip(&base)
+                        .zip(&delta)
+                        .map(|((x, b), d)| f64::from(x - b) * f64::from(d.signum()))
+                        .sum::<f64>();
+                }
+                sum / seeds as f64
+            };
+            let want: f64 = delta.iter().map(|&d| f64::from(d.abs())).sum();
+            let sigma =
+                gaps.iter().map(|g| g * g / 4.0).sum::<f64>().sqrt() / (SEEDS as f64).sqrt();
+            let stochastic = mean_change(Requant::GridStochastic, SEEDS);
+            assert!(
+                (stochastic - want).abs() <= 6.0 * sigma + 1e-3 * want.abs(),
+                "{}: mean change {stochastic}, delta {want}, 6σ {}",
+                codec.ty,
+                6.0 * sigma
+            );
+            let nearest = mean_change(Requant::Grid, 1);
+            assert!(
+                nearest.abs() < 0.05 * want,
+                "{}: nearest kept {nearest} of {want}",
+                codec.ty
+            );
+        }
+    }
+
+    #[test]
+    fn grid_output_does_not_depend_on_chunks_or_threads() {
+        for ty in [GgmlType::Q4_K, GgmlType::Q4_1, GgmlType::IQ4_NL] {
+            let (n_per_row, rows) = (512, 300);
+            let (bytes, base) = quantized(ty, &weights(n_per_row * rows, 2), n_per_row);
+            // A sparse delta: a third of the elements, some far beyond their block's range.
+            let model: Vec<f32> = base
+                .iter()
+                .enumerate()
+                .map(|(i, b)| match i % 3 {
+                    0 if i % 997 == 0 => b + 1.0,
+                    0 => b + 0.0005 * ((i % 13) as f32 - 6.0),
+                    _ => *b,
+                })
+                .collect();
+            let model = f32_bytes(&model);
+            for requant in [Requant::Grid, Requant::GridStochastic] {
+                let mut reference = None;
+                for (chunk_elems, threads) in
+                    [(n_per_row, 1), (7 * n_per_row, 2), (DEFAULT_CHUNK_ELEMS, 2)]
+                {
+                    let mut job = grid_job(ty, &bytes, &model, n_per_row, requant, 5);
+                    job.chunk_elems = chunk_elems;
+                    let pool = rayon::ThreadPoolBuilder::new()
+                        .num_threads(threads)
+                        .build()
+                        .unwrap();
+                    let (out, st) = pool.install(|| merged_bytes(&job));
+                    let g = st.grid.unwrap();
+                    assert!(g.fallback > 0 && g.moved > 0 && g.kept == 0, "{ty}: {g:?}");
+                    match &reference {
+                        None => reference = Some((out, st)),
+                        // (The report's float sums follow the chunks; the counts do not.)
+                        Some(r) => assert!(
+                            r.0 == out && r.1.grid == st.grid,
+                            "{ty} {requant} {chunk_elems}"
+                        ),
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn grid_applies_only_to_the_base_type_and_unchanged_rows_keep_their_bytes() {
+        let n_per_row = 256;
+        let (bytes, base) = quantized(GgmlType::Q6_K, &weights(n_per_row * 8, 3), n_per_row);
+        // Rows 2 and 5 change (one element each); the others are the base.
+        let mut model = base.clone();
+        model[2 * n_per_row + 17] += 0.01;
+        model[5 * n_per_row + 200] -= 0.01;
+        let model = f32_bytes(&model);
+        let row = bytes.len() / 8;
+        for requant in [Requant::Grid, Requant::GridStochastic] {
+            let (out, st) = merged_bytes(&grid_job(
+                GgmlType::Q6_K,
+                &bytes,
+                &model,
+                n_per_row,
+                requant,
+                1,
+            ));
+            assert_eq!(
+                st.grid,
+                Some(GridCounts {
+                    kept: 6,
+                    moved: 2,
+                    fallback: 0
+                })
+            );
+            for r in [0, 1, 3, 4, 6, 7] {
+                assert_eq!(out[r * row..(r + 1) * row], bytes[r * row..(r + 1) * row]);
+            }
+            assert_ne!(out[2 * row..3 * row], bytes[2 * row..3 * row]);
+            // Another output type: quantized in full, no grid counts.
+            let mut job = grid_job(GgmlType::Q6_K, &bytes, &model, n_per_row, requant, 1);
+            job.out_ty = GgmlType::Q8_0;
+            assert_eq!(merged_bytes(&job).1.grid, None);
+        }
+        let (_, st) = merged_bytes(&grid_job(
+            GgmlType::Q6_K,
+            &bytes,
+            &model,
+            n_per_row,
+            Requant::Full,
+            1,
+        ));
+        assert_eq!(st.grid, None);
     }
 }

@@ -1,4 +1,5 @@
-//! Reproducible random drop masks (DARE, DELLA) from a counter-based RNG.
+//! Reproducible random drop masks (DARE, DELLA) and stochastic rounding draws from a
+//! counter-based RNG.
 //!
 //! This module implements the normative "Mask RNG" of `DESIGN.md`:
 //!
@@ -15,6 +16,28 @@
 //! * element `i` is **kept** iff its draw is below `⌊density · 2³²⌋` ([`keep_threshold`]);
 //!   density 1 keeps everything.
 //!
+//! # The stochastic rounding stream
+//!
+//! On-grid requantization with stochastic rounding (`crate::quant::grid`) draws one u32 per
+//! changed element from a second Philox stream, [`RoundingKey`], which never yields a mask
+//! draw:
+//!
+//! * key = the [`MaskKey`] derivation with stream [`ROUNDING_STREAM`] (`0xFFFF_FFFF`):
+//!   FNV-1a of `seed (u64 LE) ‖ 0xFFFF_FFFF (u32 LE) ‖ tensor name bytes`, split (low, high) —
+//!   `seed` is the merge's seed (`--seed`, the runtime's 0), the tensor name the output name;
+//! * element `i` (`i < 2⁶³`) takes the draw of element `i + 2⁶³` ([`ROUNDING_OFFSET`]) under
+//!   that key, i.e. word `i % 4` of `philox4x32_10([k low, k high, 0, 0], key)` with
+//!   `k = i / 4 + 2⁶¹` ([`RoundingKey::fill`]). A mask of a tensor of fewer than 2⁶³ elements
+//!   (every tensor a GGUF file can hold) only uses counters with `k < 2⁶¹`, so no draw of the
+//!   rounding stream is ever one of a mask, whatever the streams — and the vectorized kernels
+//!   of [`draws`] compute it;
+//! * element `i` rounds up iff the top 24 bits of its draw are below `fraction · 2²⁴`, the
+//!   fraction being its position between the two neighbouring levels of its block's grid
+//!   (`crate::quant::grid::Rounding`).
+//!
+//! Like the masks, rounding then depends only on (seed, tensor, element index), never on
+//! threads or chunking.
+//!
 //! # Why a counter-based RNG
 //!
 //! A mask bit depends only on (seed, stream, tensor name, element index), never on the order
@@ -30,10 +53,10 @@
 //!
 //! # What lives here
 //!
-//! The primitives only: [`philox4x32_10`], [`MaskKey`], [`keep_threshold`], [`draws`], and the
-//! slice kernels [`dare_in_place`] (drop and rescale), [`keep_mask`] (the mask as booleans, e.g.
-//! to compact or expand a delta pack) and [`keep_with_probability`] (per-element keep
-//! probabilities, for DELLA). Choosing the rescale factor, TIES sign election, magnitude ranking
+//! The primitives only: [`philox4x32_10`], [`MaskKey`], [`RoundingKey`], [`keep_threshold`],
+//! [`draws`], and the slice kernels [`dare_in_place`] (drop and rescale), [`keep_mask`] (the
+//! mask as booleans, e.g. to compact or expand a delta pack) and [`keep_with_probability`]
+//! (per-element keep probabilities, for DELLA). Choosing the rescale factor, TIES sign election, magnitude ranking
 //! and threading live in the merge methods that call these.
 //!
 //! The slice kernels compute Philox for 16 consecutive blocks at once, lane-wise: with
@@ -145,6 +168,37 @@ impl MaskKey {
     /// The Philox key words (low, high).
     pub fn words(&self) -> [u32; 2] {
         self.0
+    }
+}
+
+/// The mask stream number reserved for the stochastic rounding key ([`RoundingKey`]).
+pub const ROUNDING_STREAM: u32 = u32::MAX;
+
+/// What the rounding stream adds to an element index (2⁶³): its counters are disjoint from
+/// those of every mask of a tensor with fewer than 2⁶³ elements.
+pub const ROUNDING_OFFSET: u64 = 1 << 63;
+
+/// The Philox key of one tensor's stochastic rounding (the module's "stochastic rounding
+/// stream"): [`MaskKey::new`]`(seed, `[`ROUNDING_STREAM`]`, tensor_name)`, drawn at element
+/// indices offset by [`ROUNDING_OFFSET`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct RoundingKey(MaskKey);
+
+impl RoundingKey {
+    /// The rounding key of tensor `tensor_name` (the output GGUF name) under `seed`.
+    pub fn new(seed: u64, tensor_name: &str) -> RoundingKey {
+        RoundingKey(MaskKey::new(seed, ROUNDING_STREAM, tensor_name))
+    }
+
+    /// The Philox key words (low, high).
+    pub fn words(&self) -> [u32; 2] {
+        self.0.words()
+    }
+
+    /// Fills `out[j]` with the rounding draw of element `start + j`: [`draws`] of element
+    /// `start + j + 2⁶³` under this key.
+    pub fn fill(&self, start: u64, out: &mut [u32]) {
+        draws(&self.0, start.wrapping_add(ROUNDING_OFFSET), out);
     }
 }
 
@@ -586,6 +640,40 @@ mod tests {
             MaskKey::new(42, 1, "blk.0.attn_q.weight").words(),
             MASK_KEY_42_1_ATTN_Q
         );
+    }
+
+    #[test]
+    fn rounding_stream_is_its_own() {
+        let name = "blk.0.ffn_down.weight";
+        let key = RoundingKey::new(42, name);
+        let mask_key = MaskKey::new(42, ROUNDING_STREAM, name);
+        assert_eq!(key.words(), mask_key.words());
+        // Element i is Philox at block i / 4 + 2^61: word 1 carries bit 29 …
+        let mut got = [0u32; 12];
+        key.fill(4, &mut got);
+        for (j, &g) in got.iter().enumerate() {
+            let i = 4 + j as u64;
+            let k = (i >> 2) + (1 << 61);
+            let want = philox4x32_10([k as u32, (k >> 32) as u32, 0, 0], key.words());
+            assert_eq!(g, want[(i % 4) as usize], "element {i}");
+        }
+        // … so it is not the mask of the same key, and does not depend on how it is split.
+        let mut mask = [0u32; 12];
+        draws(&mask_key, 4, &mut mask);
+        assert_ne!(got, mask);
+        let mut long = vec![0u32; 300];
+        key.fill(1, &mut long);
+        let mut parts = vec![0u32; 300];
+        key.fill(1, &mut parts[..77]);
+        key.fill(78, &mut parts[77..]);
+        assert_eq!(long, parts);
+        assert_eq!(&long[3..15], &got[..]);
+        // Seeds and tensors give different streams.
+        let mut other = [0u32; 12];
+        RoundingKey::new(43, name).fill(4, &mut other);
+        assert_ne!(other, got);
+        RoundingKey::new(42, "output.weight").fill(4, &mut other);
+        assert_ne!(other, got);
     }
 
     const MASK_KEY_0_0_EMPTY: [u32; 2] = [0x1d10_6495, 0x5467_b0da];

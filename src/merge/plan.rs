@@ -23,7 +23,7 @@ use crate::merge::error::{MergeError, Result};
 use crate::merge::input::{Inputs, MergeInput};
 use crate::merge::method::{Kind, Method, MethodSpec};
 use crate::merge::run::{QUEUED_PARTS, WINDOW_BYTES};
-use crate::quant::{plan_types, ModelFacts, PlanInput, Target};
+use crate::quant::{plan_types, ModelFacts, PlanInput, Requant, Target};
 
 /// What a plan needs to know besides the config and the inputs.
 #[derive(Clone, Debug)]
@@ -34,10 +34,13 @@ pub struct PlanOptions {
     /// gives every weight matrix that type; a mixture name (`Q4_K_M`) applies llama.cpp's
     /// per-tensor rules. Overrides the config's `dtype`/`type`.
     pub out_type: Option<String>,
-    /// Mask seed (overrides the config's).
+    /// Mask seed (overrides the config's); also the stochastic rounding seed.
     pub seed: Option<u64>,
     /// Worker threads (for the memory estimate; `None`: all cores).
     pub threads: Option<usize>,
+    /// How tensors of the base's type are requantized (overrides the config's; `None`: the
+    /// config's, else [`Requant::DEFAULT`]).
+    pub requant: Option<Requant>,
 }
 
 /// What happens to one output tensor.
@@ -107,8 +110,10 @@ pub struct MergePlan {
     pub method: MethodSpec,
     /// Method name (mergekit's).
     pub method_name: &'static str,
-    /// Mask seed.
+    /// Mask seed (and stochastic rounding seed).
     pub seed: u64,
+    /// How merged tensors of the base's type are requantized.
+    pub requant: Requant,
     /// Output tensors in the base's order.
     pub tensors: Vec<PlannedTensor>,
     /// Output metadata (GGUF).
@@ -191,6 +196,7 @@ pub fn plan(config: &MergeConfig, inputs: Inputs, opts: &PlanOptions) -> Result<
         method,
         method_name: config.method.name(),
         seed: opts.seed.or(config.seed).unwrap_or(0),
+        requant: opts.requant.or(config.requant).unwrap_or_default(),
         tensors,
         metadata,
         output_bytes,

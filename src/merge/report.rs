@@ -1,7 +1,8 @@
 //! What a merge reports: per model the share of exactly-zero deltas, the delta RMS and its
 //! ratio to the base's quantization noise, the kept share; per output type the delta retention
-//! ⟨q(merged) − base, Δ⟩ / ⟨Δ, Δ⟩; and advice ([`MergeReport::warnings`]) when noise dominates
-//! a delta or requantization rounds a merge away. Built from the engine's per-tensor
+//! ⟨q(merged) − base, Δ⟩ / ⟨Δ, Δ⟩; the requantization mode and, on the base's grid, what
+//! happened to the blocks ([`GridReport`]); and advice ([`MergeReport::warnings`]) when noise
+//! dominates a delta or requantization rounds a merge away. Built from the engine's per-tensor
 //! [`TensorStats`], summed in plan order.
 
 use crate::format::output::Destination;
@@ -9,6 +10,7 @@ use crate::format::GgmlType;
 use crate::merge::engine::{signal_to_noise, TensorStats};
 use crate::merge::method::Kind;
 use crate::merge::plan::{MergePlan, TensorAction};
+use crate::quant::grid::{GridCounts, Requant};
 
 /// Per-model measurements of a merge.
 #[derive(Clone, Debug, PartialEq)]
@@ -38,6 +40,24 @@ pub struct RetentionReport {
     pub tensors: usize,
 }
 
+/// What on-grid requantization did (a merge in a [`Requant`] mode on the grid).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GridReport {
+    /// Merged tensors requantized on the base's grid.
+    pub tensors: usize,
+    /// Their blocks: kept (no element changed), moved (changed elements re-encoded on the
+    /// base's grid), fallback (quantized the usual way: a changed value beyond the grid's
+    /// range, or a zero scale).
+    pub blocks: GridCounts,
+    /// Merged tensors of the base's type whose type has no grid codec, requantized in full:
+    /// (type name, tensors), in order of first appearance. F32 outputs are exact and not
+    /// listed.
+    pub full_types: Vec<(String, usize)>,
+    /// Merged tensors whose output type differs from the base tensor's (`--type`), quantized
+    /// in full.
+    pub other_type_tensors: usize,
+}
+
 /// Summary of a merge.
 #[derive(Clone, Debug)]
 pub struct MergeReport {
@@ -57,6 +77,10 @@ pub struct MergeReport {
     pub models: Vec<ModelReport>,
     /// Per output type.
     pub retention: Vec<RetentionReport>,
+    /// How tensors of the base's type were requantized.
+    pub requant: Requant,
+    /// On-grid requantization's counts (`None` for [`Requant::Full`]).
+    pub grid: Option<GridReport>,
     /// Advice for the user (noise-dominated experts, low retention, absurd packs).
     pub warnings: Vec<String>,
 }
@@ -73,6 +97,7 @@ pub(crate) struct Totals {
     /// (type, Σ numerator, Σ denominator, tensors)
     retention: Vec<(GgmlType, f64, f64, usize)>,
     merged: usize,
+    grid: GridReport,
 }
 
 impl Totals {
@@ -86,9 +111,27 @@ impl Totals {
         }
     }
 
-    /// Adds a merged tensor's measurements (its output type `out_ty`).
-    pub(crate) fn add(&mut self, st: &TensorStats, out_ty: GgmlType) {
+    /// Adds a merged tensor's measurements (its output type `out_ty`, the base tensor's type
+    /// `base_ty`).
+    pub(crate) fn add(&mut self, st: &TensorStats, out_ty: GgmlType, base_ty: GgmlType) {
         self.merged += 1;
+        match &st.grid {
+            Some(counts) => {
+                self.grid.tensors += 1;
+                self.grid.blocks.add(counts);
+            }
+            None if out_ty != base_ty => self.grid.other_type_tensors += 1,
+            None if out_ty == GgmlType::F32 => {}
+            None => match self
+                .grid
+                .full_types
+                .iter_mut()
+                .find(|t| t.0 == out_ty.name())
+            {
+                Some(t) => t.1 += 1,
+                None => self.grid.full_types.push((out_ty.name().into(), 1)),
+            },
+        }
         self.elements += st.elements;
         for i in 0..st.kept.len().min(self.kept.len()) {
             self.zero[i] += st.zero_deltas[i];
@@ -129,6 +172,7 @@ pub(crate) fn report(
         step_blocks,
         retention,
         merged,
+        grid,
     } = totals;
     let step_rms = (step_blocks > 0).then(|| (step_sumsq / step_blocks as f64).sqrt());
     let mut warnings = plan.warnings.clone();
@@ -191,6 +235,8 @@ pub(crate) fn report(
         seconds,
         models,
         retention,
+        requant: plan.requant,
+        grid: plan.requant.on_grid().then_some(grid),
         warnings,
     }
 }

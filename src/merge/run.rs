@@ -119,7 +119,7 @@ fn compute_in_order<'p>(
                 send(Msg::Part(bytes))
             })?;
             if let Some(st) = st {
-                totals.add(&st, out_ty(t));
+                totals.add(&st, out_ty(t), t.base_ty);
             }
             send(Msg::EndTensor)?;
             // Every part sent was copied out of the maps, verbatim copies too.
@@ -147,7 +147,7 @@ fn compute_in_order<'p>(
             let (parts, st) = r?;
             progress.tensor(&t.name, idx, n);
             if let Some(st) = st {
-                totals.add(&st, out_ty(t));
+                totals.add(&st, out_ty(t), t.base_ty);
             }
             for part in parts {
                 progress.advance(part.len() as u64);
@@ -604,6 +604,7 @@ fn merge_one<'p>(
         t: t.t,
         seed: plan.seed,
         out_ty,
+        requant: plan.requant,
         chunk_elems: engine::DEFAULT_CHUNK_ELEMS,
         output: engine::JobOutput::Merged,
         measure,

@@ -22,6 +22,7 @@ use crate::merge::input::{Inputs, MergeInput};
 use crate::merge::method::Method;
 use crate::merge::plan::{plan, PlanOptions};
 use crate::merge::run::for_each_changed_tensor;
+use crate::quant::Requant;
 use crate::runtime::error::{Result, RuntimeError};
 use crate::runtime::{Model, Session, SessionOptions};
 use crate::threads::with_threads;
@@ -83,6 +84,8 @@ pub struct ExpertSession<'m> {
     /// The default combination of [`ExpertSession::set_mixture`].
     method: Method,
     threads: Option<usize>,
+    /// How mixtures requantize the tensors they change.
+    requant: Requant,
     /// Tensors currently different from the base.
     applied: HashSet<String>,
     /// Recent mixtures, most recent last: (key, bytes, size).
@@ -136,6 +139,7 @@ impl<'m> ExpertSession<'m> {
             current_method: method,
             method,
             threads,
+            requant: session.requant,
             applied: HashSet::new(),
             cache: Vec::new(),
             cache_budget,
@@ -283,6 +287,11 @@ impl<'m> ExpertSession<'m> {
         &self.weights
     }
 
+    /// How mixtures requantize the tensors they change ([`SessionOptions::requant`]).
+    pub fn requant(&self) -> Requant {
+        self.requant
+    }
+
     /// Bytes held for the packs' cached kept indices (4 per kept value of a DARE pack).
     pub fn index_bytes(&self) -> u64 {
         self.index_bytes
@@ -317,6 +326,7 @@ impl<'m> ExpertSession<'m> {
             out_type: None,
             seed: None,
             threads: self.threads,
+            requant: Some(self.requant),
         };
         let plan = plan(&config, inputs, &opts)?;
         let mut out = Vec::new();

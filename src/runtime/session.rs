@@ -6,6 +6,7 @@ use llama_cpp_sys_2 as sys;
 use super::context::{Batch, Context, ContextParams};
 use super::error::{Result, RuntimeError};
 use super::model::{default_threads, Model, Token};
+use crate::quant::Requant;
 
 /// How to create a [`Session`].
 #[derive(Debug, Clone)]
@@ -18,6 +19,10 @@ pub struct SessionOptions {
     pub n_batch: u32,
     /// Threads (`-t`; all cores when `None`).
     pub threads: Option<usize>,
+    /// How an [`ExpertSession`](super::ExpertSession) requantizes the tensors a mixture
+    /// changes (`--requant`; the same bytes as `ggmerge apply --requant` without `--seed`). A
+    /// plain session ignores it.
+    pub requant: Requant,
 }
 
 impl SessionOptions {
@@ -50,6 +55,7 @@ impl Default for SessionOptions {
             n_ctx: 4096,
             n_batch: 2048,
             threads: None,
+            requant: Requant::DEFAULT,
         }
     }
 }

@@ -93,6 +93,12 @@ pub(super) fn parse_mergekit(root: Node) -> Result<MergeConfig, ConfigError> {
                     "mergekit configs have no seed; pass the mask seed with --seed, or use the native TOML form's `seed`",
                 ))
             }
+            "requant" => {
+                return Err(unsupported(
+                    key,
+                    "mergekit has no requantization option; pass --requant, or use the native TOML form's `requant`",
+                ))
+            }
             "method" => return Err(unsupported(key, "mergekit YAML names the method with `merge_method`")),
             "base" => return Err(unsupported(key, "mergekit YAML names the base model with `base_model`")),
             "type" => {

@@ -48,8 +48,9 @@
 //! method = "dare_ties"           # any mergekit method name below
 //! base = "base-Q8_0.gguf"
 //! type = "Q4_K_M"                # output type (ggml type or llama.cpp mixture); default: like base
-//! seed = 42                      # mask seed (DARE/DELLA); default 0
+//! seed = 42                      # mask seed (DARE/DELLA) and stochastic rounding seed; default 0
 //! threads = 8                    # optional; default: all cores
+//! requant = "grid"               # "full" (default), "grid", "grid-stochastic"; see quant::grid
 //!
 //! [parameters]                   # global: apply to every model unless it sets its own
 //! lambda = 1.0
@@ -198,6 +199,10 @@ pub struct MergeConfig {
     pub seed: Option<u64>,
     /// Worker threads: native `threads` only.
     pub threads: Option<usize>,
+    /// How merged tensors of the base's type are requantized: native `requant` only
+    /// (`"full"`, `"grid"`, `"grid-stochastic"`; mergekit YAML has no such key). `None`:
+    /// [`Requant::DEFAULT`](crate::quant::Requant::DEFAULT).
+    pub requant: Option<crate::quant::Requant>,
     /// Where the config came from.
     pub source: ConfigSource,
 }
@@ -214,6 +219,7 @@ impl MergeConfig {
             out_type: None,
             seed: None,
             threads: None,
+            requant: None,
             source,
         }
     }

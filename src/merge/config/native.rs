@@ -3,8 +3,9 @@
 use super::spec::{model_at, spec, GLOBAL_AT};
 use super::tree::*;
 use super::{ConfigError, ConfigSource, MergeConfig, Method, ModelEntry};
+use crate::quant::Requant;
 
-const NATIVE_KEYS: &str = "method, base, models, parameters, type, seed, threads";
+const NATIVE_KEYS: &str = "method, base, models, parameters, type, seed, threads, requant";
 
 pub(super) fn parse_native(root: Node) -> Result<MergeConfig, ConfigError> {
     let Node::Map(items) = root else {
@@ -17,6 +18,7 @@ pub(super) fn parse_native(root: Node) -> Result<MergeConfig, ConfigError> {
     let mut out_type = None;
     let mut seed = None;
     let mut threads = None;
+    let mut requant = None;
     for (key, node) in items {
         match key.as_str() {
             "method" => {
@@ -38,6 +40,20 @@ pub(super) fn parse_native(root: Node) -> Result<MergeConfig, ConfigError> {
                     Node::Int(i) if i >= 1 => usize::try_from(i).unwrap_or(usize::MAX),
                     other => return Err(wrong("threads", "a positive integer", &other)),
                 })
+            }
+            "requant" => {
+                let name = string(node, &key)?;
+                requant =
+                    Some(
+                        Requant::from_name(&name).ok_or_else(|| ConfigError::InvalidValue {
+                            name: "requant".into(),
+                            at: "the config".into(),
+                            reason: format!(
+                                "`{name}` is not one of {}",
+                                Requant::ALL.map(|r| format!("\"{r}\"")).join(", ")
+                            ),
+                        })?,
+                    );
             }
             "merge_method" => {
                 return Err(unsupported(
@@ -83,6 +99,7 @@ pub(super) fn parse_native(root: Node) -> Result<MergeConfig, ConfigError> {
     config.out_type = out_type;
     config.seed = seed;
     config.threads = threads;
+    config.requant = requant;
     if let Some(items) = global {
         read_params(
             items,

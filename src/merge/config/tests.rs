@@ -364,6 +364,7 @@ base = "base-Q8_0.gguf"
 type = "Q4_K_M"
 seed = 42
 threads = 8
+requant = "grid-stochastic"
 
 [parameters]
 lambda = 1.0
@@ -394,6 +395,7 @@ density = 0.9
     assert_eq!(c.out_type.as_deref(), Some("Q4_K_M"));
     assert_eq!(c.seed, Some(42));
     assert_eq!(c.threads, Some(8));
+    assert_eq!(c.requant, Some(crate::quant::Requant::GridStochastic));
     assert_eq!(c.rescale(), Rescale::Inverse);
     assert_eq!(c.models.len(), 3);
     let mid = ctx("blk.5.attn_q.weight", None, Some(5), 11);
@@ -498,6 +500,8 @@ fn errors_name_the_key() {
         );
     assert!(err_yaml("modules: {}\nmerge_method: linear\n").contains("`modules`"));
     assert!(err_yaml(&format!("{DARE_TIES}random_seed: 42\n")).contains("`random_seed`"));
+    let e = err_yaml(&format!("{DARE_TIES}requant: grid\n"));
+    assert!(e.contains("`requant`") && e.contains("--requant"), "{e}");
     assert!(err_yaml(&format!("{DARE_TIES}name: step3\n")).contains("`name`"));
     let e = err_yaml(&DARE_TIES.replace("dare_ties", "model_stock"));
     assert!(e.contains("unknown merge method `model_stock`"), "{e}");
@@ -816,6 +820,8 @@ fn hostile_inputs() {
         "method = \"ties\"\nmodels = 1",
         "method = \"ties\"\nbase = \"b\"\nseed = -1\n[[models]]\npath = \"m\"\nweight = 1",
         "method = \"ties\"\nbase = \"b\"\nthreads = 0\n[[models]]\npath = \"m\"\nweight = 1",
+        "method = \"ties\"\nbase = \"b\"\nrequant = \"nearest\"\n[[models]]\npath = \"m\"\nweight = 1",
+        "method = \"ties\"\nbase = \"b\"\nrequant = 1\n[[models]]\npath = \"m\"\nweight = 1",
         "method = \"ties\"\nbase = \"b\"\n[[models]]\nweight = 1",
         "method = \"ties\"\nbase = \"b\"\n[[models]]\npath = \"m\"\nweight = 1979-05-27",
         "method = \"ties\"\nbase = \"b\"\n[[models]]\npath = \"m\"\nweight = inf",
