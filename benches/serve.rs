@@ -23,7 +23,9 @@ use std::time::Instant;
 use ggmerge::flows::extract::{extract_delta, ExtractOptions};
 use ggmerge::format::GgmlType;
 use ggmerge::merge::method::Method;
-use ggmerge::runtime::{Expert, ExpertSession, GenerateOptions, Model, ModelOptions, SessionOptions};
+use ggmerge::runtime::{
+    Expert, ExpertSession, GenerateOptions, Model, ModelOptions, SessionOptions,
+};
 use ggmerge::NoProgress;
 use serde_json::{json, Value};
 
@@ -119,7 +121,10 @@ impl Server {
                 continue;
             };
             let c = &v["choices"][0];
-            let text = c["delta"]["content"].as_str().or(c["text"].as_str()).unwrap_or("");
+            let text = c["delta"]["content"]
+                .as_str()
+                .or(c["text"].as_str())
+                .unwrap_or("");
             if !text.is_empty() {
                 let s = t.elapsed().as_secs_f64();
                 let mut rest = Vec::new();
@@ -205,7 +210,10 @@ fn main() {
     ] {
         let base = models_dir().join(file);
         if !base.is_file() {
-            println!("\n{label}: {} missing (run scripts/fetch-models.sh)", base.display());
+            println!(
+                "\n{label}: {} missing (run scripts/fetch-models.sh)",
+                base.display()
+            );
             continue;
         }
         let mut packs = Vec::new();
@@ -259,7 +267,10 @@ fn main() {
         let mut cold_switch = Vec::new();
         for i in 0..3 {
             let w = 0.5 + 0.1 * i as f64;
-            let (s, v) = srv.timed("/v1/completions", &count("mix", 64, Some(json!({"math": w, "code": 1.0 - w}))));
+            let (s, v) = srv.timed(
+                "/v1/completions",
+                &count("mix", 64, Some(json!({"math": w, "code": 1.0 - w}))),
+            );
             assert_eq!(v["ggmerge"]["switch_cached"], false);
             cold.push(s);
             cold_switch.push(v["ggmerge"]["switch_seconds"].as_f64().unwrap());
@@ -307,21 +318,32 @@ fn main() {
 
         // Time to first token of a follow-up turn.
         let context: String = (1..=60)
-            .map(|i| format!("Note {i}: the meeting in room {i} starts at {}:00. ", 8 + i % 10))
+            .map(|i| {
+                format!(
+                    "Note {i}: the meeting in room {i} starts at {}:00. ",
+                    8 + i % 10
+                )
+            })
             .collect();
         let ttft = |srv: &Server| -> f64 {
             if chat {
                 let first = json!({"model": "math", "max_tokens": 8, "temperature": 0,
                     "messages": [{"role": "system", "content": context}, {"role": "user", "content": "When does the meeting in room 3 start?"}]});
-                let answer = srv.post("/v1/chat/completions", &first)["choices"][0]["message"]["content"]
-                    .as_str().unwrap().to_string();
+                let answer = srv.post("/v1/chat/completions", &first)["choices"][0]["message"]
+                    ["content"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
                 let follow = json!({"model": "math", "max_tokens": 8, "temperature": 0,
                     "messages": [{"role": "system", "content": context}, {"role": "user", "content": "When does the meeting in room 3 start?"},
                                  {"role": "assistant", "content": answer}, {"role": "user", "content": "And in room 4?"}]});
                 srv.first_token("/v1/chat/completions", follow)
             } else {
                 let first = json!({"model": "math", "prompt": format!("{context}Room 3:"), "max_tokens": 8, "temperature": 0});
-                let answer = srv.post("/v1/completions", &first)["choices"][0]["text"].as_str().unwrap().to_string();
+                let answer = srv.post("/v1/completions", &first)["choices"][0]["text"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
                 let follow = json!({"model": "math", "prompt": format!("{context}Room 3:{answer} Room 4:"), "max_tokens": 8, "temperature": 0});
                 srv.first_token("/v1/completions", follow)
             }

@@ -29,7 +29,6 @@ use half::f16;
 use rayon::prelude::*;
 
 #[path = "../tests/common/experts.rs"]
-#[allow(dead_code)]
 mod experts;
 use experts::Noise;
 

@@ -124,6 +124,9 @@ pub fn fingerprint(model: &dyn ModelSource) -> Result<String> {
             }
             h.update(&t.ty.id().to_le_bytes());
             h.update(&xxh3_64(&t.data).to_le_bytes());
+            // Read once: its pages leave the resident set (a base of any size costs one
+            // tensor's worth of memory to fingerprint).
+            model.release(name, 0..usize::MAX);
             Ok(h.digest())
         })
         .collect::<Result<_>>()?;
@@ -287,6 +290,7 @@ impl DeltaPack {
                         .collect::<Vec<_>>()
                         .windows(2)
                         .all(|w| w[0] < w[1]);
+                    file.release_bytes(i.data);
                     if !ok {
                         return Err(bad(path, format!("indices of {name} are not ascending")));
                     }
@@ -309,6 +313,8 @@ impl DeltaPack {
                 let mut h = Xxh3::new();
                 for t in file.tensors() {
                     h.update(t.data);
+                    // Read again only when applied, tensor by tensor.
+                    file.release_bytes(t.data);
                 }
                 let got = format!("{:016x}", h.digest());
                 if got != want {
@@ -470,12 +476,27 @@ impl DeltaPack {
                     return Ok(None);
                 };
                 let n: u64 = b.shape.iter().product();
-                let mut values = vec![0f32; t.values.info.n_elements() as usize];
-                crate::quant::codec::dequantize_into(self.values, t.values.data, &mut values);
-                let sumsq: f64 = values[..(*kept as usize).min(values.len())]
-                    .iter()
-                    .map(|v| f64::from(*v) * f64::from(*v))
-                    .sum();
+                // Σ v² over the kept values, dequantized 64 Ki at a time (whole blocks; in
+                // order, so the sum is the one a single pass gives).
+                let (vblock, vsize) = (self.values.block_size() as usize, self.values.type_size());
+                let chunk = (1 << 16) / vblock * vblock;
+                let kept = (*kept as usize).min(t.values.info.n_elements() as usize);
+                let mut values = vec![0f32; chunk];
+                let mut sumsq = 0f64;
+                for (k, src) in t
+                    .values
+                    .data
+                    .chunks(chunk / vblock * vsize as usize)
+                    .enumerate()
+                {
+                    let len = src.len() / vsize as usize * vblock;
+                    crate::quant::codec::dequantize_into(self.values, src, &mut values[..len]);
+                    let take = kept.saturating_sub(k * chunk).min(len);
+                    for v in &values[..take] {
+                        sumsq += f64::from(*v) * f64::from(*v);
+                    }
+                }
+                self.file.release_bytes(t.values.data);
                 let delta_rms = (sumsq / n.max(1) as f64).sqrt();
                 // The base's first 64 Ki elements (whole blocks) as a sample of its scale.
                 let block = b.ty.block_size().max(1);
@@ -485,6 +506,7 @@ impl DeltaPack {
                 if let Some(src) = b.data.get(..bytes) {
                     crate::quant::codec::dequantize_into(b.ty, src, &mut base_values);
                 }
+                base.release(name, 0..bytes);
                 let base_sumsq: f64 = base_values.iter().map(|v| f64::from(*v).powi(2)).sum();
                 let base_rms = (base_sumsq / sample.max(1) as f64).sqrt();
                 let ratio = if base_rms > 0.0 {
