@@ -154,6 +154,7 @@ fn tiny_expert_beats_its_base_through_the_whole_pipeline() {
             eprintln!("{e:?}");
         }
         TrainEvent::Start(p) => eprintln!("{p:?}"),
+        TrainEvent::Trained { .. } => {}
     })
     .unwrap();
     eprintln!("finetune ({:.1?}): {r:?}", t_ft.elapsed());

@@ -35,6 +35,8 @@ fn finetune_trains_the_tiny_model_and_keeps_the_base_layout() {
     let [domain, _] = facts::domains(4, 1);
     let data = dir.path().join("capitals.txt");
     std::fs::write(&data, domain.train_text(3, 1)).unwrap();
+    let questions = dir.path().join("questions.jsonl");
+    std::fs::write(&questions, domain.questions_jsonl()).unwrap();
     let out = dir.path().join("expert.gguf");
 
     // ~800 tokens: 4 sequences of 256 every 128 tokens, one of them validation.
@@ -48,6 +50,10 @@ fn finetune_trains_the_tiny_model_and_keeps_the_base_layout() {
         s(&out),
         "--lr",
         "3e-3",
+        "--lr-min",
+        "1e-3",
+        "--eval",
+        s(&questions),
         "--epochs",
         "2",
         "--ctx",
@@ -71,8 +77,11 @@ fn finetune_trains_the_tiny_model_and_keeps_the_base_layout() {
         assert!(stderr.contains(needle), "missing {needle:?} in\n{stderr}");
     }
     for needle in [
-        "epoch 1/2: train loss",
-        "epoch 2/2: train loss",
+        "epoch 1/2: lr 3.00e-3, train loss",
+        "epoch 2/2: lr 1.00e-3, train loss",
+        "epoch 1/2: eval exact match ",
+        "epoch 2/2: eval exact match ",
+        "/4 (",
         ", val loss ",
         "train loss ",
         "20 of 21 tensors changed",
@@ -81,7 +90,12 @@ fn finetune_trains_the_tiny_model_and_keeps_the_base_layout() {
     }
     assert_eq!(
         listing(dir.path()),
-        ["capitals.txt", "expert.gguf", "tiny.gguf"]
+        [
+            "capitals.txt",
+            "expert.gguf",
+            "questions.jsonl",
+            "tiny.gguf"
+        ]
     );
 
     // Homologous to the base: same metadata (name, training context …), tensors and types;
@@ -218,6 +232,9 @@ fn train_reports_its_plan_steps_and_epochs_in_order() {
             TrainEvent::Start(p) => format!("start {}+{}", p.train_sequences, p.val_sequences),
             TrainEvent::Step(s) => format!("{} {:?} {}/{}", s.epoch, s.phase, s.step, s.steps),
             TrainEvent::Epoch(e) => format!("epoch {}", e.epoch),
+            TrainEvent::Trained { epoch, model } => {
+                format!("trained {epoch} {}", model.n_params())
+            }
         })
     })
     .unwrap();
@@ -235,6 +252,7 @@ fn train_reports_its_plan_steps_and_epochs_in_order() {
             want.push(format!("{epoch} Validation {i}/{}", p.val_sequences));
         }
         want.push(format!("epoch {epoch}"));
+        want.push(format!("trained {epoch} {}", model.n_params()));
     }
     assert_eq!(log, want);
     assert_eq!(r.epochs.len(), 2);

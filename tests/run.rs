@@ -4,15 +4,13 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
 
-use common::experts::make_expert;
-use ggmerge::flows::extract::{extract_delta, ExtractOptions};
-use ggmerge::format::GgmlType;
-use ggmerge::merge::config::{ConfigSource, MergeConfig, Method, ModelEntry, ParamValue};
+use common::experts::apply_packs;
+use common::smollm2_pack_pair;
+use ggmerge::merge::config::Method;
 use ggmerge::runtime::{Expert, ExpertSession};
 use ggmerge::runtime::{GenerateOptions, Model, ModelOptions, SessionOptions};
-use ggmerge::{merge_models, MergeOptions, NoProgress};
+use ggmerge::NoProgress;
 
 const TEXT: &str = "The history of the city begins with a small settlement on the river. Over the \
 centuries, merchants built warehouses along the banks, and the town grew into a busy port. \
@@ -22,29 +20,8 @@ the world to walk its streets, to sit in its cafes and to watch the boats on the
 sunset. In winter the squares fill with lights and small stalls selling warm drinks, and in \
 summer the parks are crowded with families, students and musicians playing for passers-by.";
 
-/// Two packs (F16 values, density 0.2) of two synthetic SmolLM2 fine-tunes.
 fn packs() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
-    static P: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
-    P.get_or_init(|| {
-        let dir = common::tempdir();
-        let mut out = Vec::new();
-        for (seed, name) in [(21, "math"), (22, "code")] {
-            let ft = dir.path().join(format!("{name}.gguf"));
-            make_expert(&common::smollm2(), &ft, seed, 3e-2, GgmlType::F16, &[]);
-            let pack = dir.path().join(format!("{name}.dpk.gguf"));
-            let o = ExtractOptions {
-                density: 0.2,
-                seed: 5,
-                ..Default::default()
-            };
-            extract_delta(&common::smollm2(), &ft, &pack, &o, &NoProgress).unwrap();
-            std::fs::remove_file(&ft).unwrap();
-            out.push(pack);
-        }
-        let b = out.pop().unwrap();
-        let a = out.pop().unwrap();
-        (dir, a, b)
-    })
+    smollm2_pack_pair()
 }
 
 fn model(path: &Path) -> Model {
@@ -52,6 +29,7 @@ fn model(path: &Path) -> Model {
         path,
         &ModelOptions {
             threads: Some(1),
+            gpu_layers: common::test_gpu_layers(),
             ..Default::default()
         },
     )
@@ -76,23 +54,7 @@ fn packs_in_memory_equal_the_applied_file() {
     let (_d, a, b) = packs();
     let dir = common::tempdir();
     let applied = dir.path().join("applied.gguf");
-    let mut cfg = MergeConfig::new(Method::TaskArithmetic, ConfigSource::Cli);
-    cfg.base_model = Some(common::smollm2().display().to_string());
-    for (p, w) in [(a, 0.7), (b, 0.3)] {
-        let mut e = ModelEntry::new(p.display().to_string());
-        e.parameters.set("weight", ParamValue::Number(w));
-        cfg.models.push(e);
-    }
-    merge_models(
-        &cfg,
-        &MergeOptions {
-            output: applied.clone(),
-            threads: Some(2),
-            ..Default::default()
-        },
-        &NoProgress,
-    )
-    .unwrap();
+    apply_packs(&common::smollm2(), &[(a, 0.7), (b, 0.3)], &applied);
 
     let gen = GenerateOptions {
         n_predict: 24,

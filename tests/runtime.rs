@@ -19,6 +19,7 @@ const THREADS: usize = 1;
 fn load(path: &std::path::Path) -> Model {
     let opts = ModelOptions {
         threads: Some(THREADS),
+        gpu_layers: common::test_gpu_layers(),
         ..Default::default()
     };
     Model::load(path, &opts).unwrap()

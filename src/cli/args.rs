@@ -198,6 +198,60 @@ pub struct ExpertArgs {
     /// Memory for cached mixtures, MiB (switching back to a cached mixture is a copy).
     #[arg(long, default_value_t = 1024)]
     pub cache_mib: u64,
+    #[command(flatten)]
+    pub gpu: GpuArgs,
+    /// Say more: the devices, where each layer's weights live (CPU, CPU_REPACK, a GPU), and
+    /// for eval every question with its result.
+    #[arg(short = 'v', long)]
+    pub verbose: bool,
+}
+
+/// llama.cpp's GPU offload options (`-ngl` is accepted as llama.cpp spells it).
+#[derive(Args, Debug, Clone)]
+pub struct GpuArgs {
+    /// Layers to offload to the GPU, as llama.cpp's -ngl: a number, or `all` (also -1) for
+    /// every layer and the output. Needs a build with a GPU backend (cargo features cuda,
+    /// vulkan, metal, rocm); 0 keeps everything on the CPU.
+    #[arg(
+        long = "n-gpu-layers",
+        visible_alias = "gpu-layers",
+        value_name = "N|all",
+        default_value = "0",
+        value_parser = gpu_layers,
+        allow_negative_numbers = true
+    )]
+    pub gpu_layers: i32,
+    /// The GPU that holds the model when several are present (llama.cpp's --main-gpu).
+    #[arg(long, default_value_t = 0)]
+    pub main_gpu: i32,
+}
+
+/// `-ngl`'s value: a number of layers ≥ -1, or `all` (-1: every layer and the output).
+fn gpu_layers(s: &str) -> Result<i32, String> {
+    match s {
+        "all" => Ok(-1),
+        "auto" => {
+            Err("ggmerge does not size the offload itself: give a number of layers or `all`".into())
+        }
+        _ => s
+            .parse::<i32>()
+            .ok()
+            .filter(|n| *n >= -1)
+            .ok_or_else(|| format!("{s:?} is not a number of layers (≥ 0), -1 or `all`")),
+    }
+}
+
+/// llama.cpp's multi-letter short option `-ngl N` (and `-ngl=N`) as clap's
+/// `--n-gpu-layers N`; every other argument unchanged.
+pub fn llama_cpp_spellings(
+    args: impl Iterator<Item = std::ffi::OsString>,
+) -> Vec<std::ffi::OsString> {
+    args.map(|a| match a.to_str() {
+        Some("-ngl") => "--n-gpu-layers".into(),
+        Some(s) if s.starts_with("-ngl=") => format!("--n-gpu-layers={}", &s[5..]).into(),
+        _ => a,
+    })
+    .collect()
 }
 
 #[derive(Args, Debug)]
@@ -249,9 +303,6 @@ pub struct EvalArgs {
     /// The questions (JSON Lines).
     #[arg(short = 'f', long = "file")]
     pub file: PathBuf,
-    /// Print every question with its result.
-    #[arg(short = 'v', long)]
-    pub verbose: bool,
 }
 
 #[derive(Args, Debug)]

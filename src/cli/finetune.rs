@@ -4,8 +4,11 @@ use std::path::PathBuf;
 
 use clap::Args;
 
+use ggmerge::flows::eval::{evaluate, read_questions, EvalReport, Question};
 use ggmerge::flows::finetune::finetune;
 use ggmerge::runtime::train::{Phase, TrainEvent, TrainOptions};
+use ggmerge::runtime::{Model, Session, SessionOptions};
+use ggmerge::NoProgress;
 
 use super::outln;
 
@@ -32,6 +35,7 @@ use super::outln;
 /// Example:
 ///   ggmerge quantize SmolLM2-135M-Instruct.Q4_1.gguf smol-f32.gguf F32
 ///   ggmerge finetune --base smol-f32.gguf --data facts.txt -o expert.gguf --epochs 3 -t 4
+///       --eval questions.jsonl     # exact match and log-likelihood after every epoch
 ///   ggmerge extract --base smol-f32.gguf --finetuned expert.gguf --density 0.1 -o expert.dpk.gguf
 #[derive(Args, Debug)]
 #[command(verbatim_doc_comment)]
@@ -50,6 +54,14 @@ pub struct FinetuneArgs {
     /// one needs far more (1e-3 …).
     #[arg(long, default_value = "5e-5")]
     pub lr: f32,
+    /// Learning rate of the last epoch: the rate decays exponentially, epoch by epoch, from
+    /// --lr to it (as llama.cpp's finetune -lr-min). Default: --lr throughout.
+    #[arg(long)]
+    pub lr_min: Option<f32>,
+    /// Questions to score after every epoch (JSON Lines, as `ggmerge eval -f`): exact match
+    /// and answer log-likelihood, to see when the model has learned enough.
+    #[arg(long, value_name = "QUESTIONS")]
+    pub eval: Option<PathBuf>,
     /// AdamW weight decay.
     #[arg(long, default_value = "0")]
     pub wd: f32,
@@ -72,10 +84,32 @@ pub struct FinetuneArgs {
     pub threads: Option<usize>,
 }
 
+/// Scores `questions` with the weights `model` holds now (a fresh inference context).
+fn score(
+    model: &Model,
+    questions: &[Question],
+    threads: Option<usize>,
+) -> ggmerge::Result<EvalReport> {
+    let longest = questions
+        .iter()
+        .map(|q| q.prompt.len() + q.answer.len())
+        .max()
+        .unwrap_or(0);
+    let opts = SessionOptions {
+        // Every byte a token at worst, plus the template-free margin of a few tokens.
+        n_ctx: (longest as u32 + 16).clamp(64, 4096),
+        threads,
+        ..Default::default()
+    };
+    let mut session = Session::new(model, &opts)?;
+    evaluate(&mut session, questions, &NoProgress)
+}
+
 /// Runs `ggmerge finetune`.
 pub fn run(a: &FinetuneArgs) -> anyhow::Result<()> {
     let opts = TrainOptions {
         lr: a.lr,
+        lr_min: a.lr_min,
         weight_decay: a.wd,
         epochs: a.epochs,
         n_ctx: a.ctx,
@@ -83,7 +117,10 @@ pub fn run(a: &FinetuneArgs) -> anyhow::Result<()> {
         val_split: a.val_split,
         threads: super::threads(a.threads),
     };
+    opts.validate()?;
     let data = a.data.display().to_string();
+    let questions = a.eval.as_deref().map(read_questions).transpose()?;
+    let mut eval_error = None;
     let mut on_event = |e: TrainEvent<'_>| match e {
         TrainEvent::Start(p) => {
             if p.n_ctx != p.n_ctx_requested as usize {
@@ -94,7 +131,7 @@ pub fn run(a: &FinetuneArgs) -> anyhow::Result<()> {
             }
             eprintln!(
                 "{data}: {} tokens of text -> {} sequences of {} tokens (stride {}): {} train, \
-                 {} validation; AdamW lr {:e} wd {}, {} epoch(s), {} thread(s)",
+                 {} validation; AdamW lr {:e}{} wd {}, {} epoch(s), {} thread(s)",
                 p.text_tokens,
                 p.sequences,
                 p.n_ctx,
@@ -102,6 +139,8 @@ pub fn run(a: &FinetuneArgs) -> anyhow::Result<()> {
                 p.train_sequences,
                 p.val_sequences,
                 p.lr,
+                p.lr_min
+                    .map_or(String::new(), |m| format!(" decaying to {m:e}")),
                 p.weight_decay,
                 p.epochs,
                 p.threads
@@ -131,18 +170,39 @@ pub fn run(a: &FinetuneArgs) -> anyhow::Result<()> {
                 )
             });
             outln!(
-                "epoch {}/{}: train loss {:.4} accuracy {:.2}%{val} ({:.1} s, {:.2} s/step)",
+                "epoch {}/{}: lr {:.2e}, train loss {:.4} accuracy {:.2}%{val} ({:.1} s, {:.2} s/step)",
                 r.epoch,
                 opts.epochs,
+                r.lr,
                 r.train.loss,
                 100.0 * r.train.accuracy,
                 r.secs,
                 r.secs_per_step
             );
         }
+        TrainEvent::Trained { epoch, model } => {
+            let (Some(q), None) = (&questions, &eval_error) else {
+                return;
+            };
+            match score(model, q, opts.threads) {
+                Ok(r) => outln!(
+                    "epoch {epoch}/{}: eval exact match {}/{} ({:.1}%), answer log-likelihood {:.3} per token",
+                    opts.epochs,
+                    r.exact,
+                    r.scores.len(),
+                    100.0 * r.exact_share(),
+                    r.logprob_per_token
+                ),
+                Err(e) => eval_error = Some(e),
+            }
+        }
     };
     // Every error names its file (model, text or output) or the option at fault.
     let r = finetune(&a.base, &a.data, &a.output, &opts, &mut on_event)?;
+    if let Some(e) = eval_error {
+        // The model was written; only the scoring failed (it stopped after the first error).
+        eprintln!("warning: --eval stopped: {e}");
+    }
     let epochs = &r.train.epochs;
     if let (Some(first), Some(last), true) = (epochs.first(), epochs.last(), epochs.len() > 1) {
         outln!(

@@ -104,7 +104,7 @@ pub fn threads(requested: Option<usize>) -> Option<usize> {
 
 /// Runs the CLI; errors print as one line (`error: FILE: tensor …: what`) and exit 1.
 pub fn main() -> ExitCode {
-    let matches = Cli::command().get_matches();
+    let matches = Cli::command().get_matches_from(args::llama_cpp_spellings(std::env::args_os()));
     let cli = match Cli::from_arg_matches(&matches) {
         Ok(cli) => cli,
         Err(e) => e.exit(),

@@ -6,10 +6,10 @@ use anyhow::{bail, Context};
 
 use ggmerge::merge::method::Method;
 use ggmerge::runtime::{
-    Expert, ExpertSession, GenerateOptions, Model, ModelOptions, SessionOptions,
+    backend, Expert, ExpertSession, GenerateOptions, Model, ModelOptions, SessionOptions,
 };
 
-use super::args::{ChatArgs, EvalArgs, ExpertArgs, PerplexityArgs, RunArgs};
+use super::args::{ChatArgs, EvalArgs, ExpertArgs, GpuArgs, PerplexityArgs, RunArgs};
 use super::merge::parse_expert;
 use super::{outln, stdout_bytes};
 
@@ -52,14 +52,71 @@ fn load(a: &ExpertArgs) -> anyhow::Result<(Model, Vec<Expert>, Vec<f64>, Method)
     }
     let started = std::time::Instant::now();
     // Weight discovery runs on one thread (ModelOptions' default); -t is for decoding.
-    let model = Model::load(&a.base, &ModelOptions::default())?;
+    let model = Model::load(&a.base, &model_options(&a.gpu))?;
     eprintln!(
         "loaded {} in {:.2} s",
         a.base.display(),
         started.elapsed().as_secs_f64()
     );
+    if a.verbose {
+        print_placement(&model)?;
+    }
     Ok((model, experts, weights, method))
 }
+
+/// The model options of `-ngl` / `--main-gpu`; warns, as llama.cpp does, when the build
+/// cannot offload.
+pub(super) fn model_options(gpu: &GpuArgs) -> ModelOptions {
+    if gpu.gpu_layers != 0 && !backend::gpu_offload_supported() {
+        eprintln!(
+            "warning: no usable GPU found, --n-gpu-layers is ignored (this build of ggmerge \
+             has no GPU backend: build with --features cuda, vulkan, metal or rocm)"
+        );
+    }
+    ModelOptions {
+        gpu_layers: gpu.gpu_layers,
+        main_gpu: gpu.main_gpu,
+        ..Default::default()
+    }
+}
+
+/// `-v`: the devices and, per layer, the buffers holding its weights (stderr).
+fn print_placement(model: &Model) -> anyhow::Result<()> {
+    for d in backend::devices() {
+        let mem = match d.memory_total {
+            0 => String::new(),
+            t => format!(
+                ", {:.1} of {:.1} GiB free",
+                d.memory_free as f64 / GIB,
+                t as f64 / GIB
+            ),
+        };
+        eprintln!("device {} ({:?}): {}{mem}", d.name, d.kind, d.description);
+    }
+    let mut lines: Vec<(String, Vec<String>)> = Vec::new();
+    for p in model.placement()? {
+        let layer = p
+            .layer
+            .map_or("outside layers".to_string(), |l| format!("layer {l}"));
+        let here = format!(
+            "{} ({} tensors, {:.1} MiB)",
+            p.buffer,
+            p.tensors,
+            p.bytes as f64 / MIB
+        );
+        match lines.last_mut() {
+            Some((l, parts)) if *l == layer => parts.push(here),
+            _ => lines.push((layer, vec![here])),
+        }
+    }
+    for (layer, parts) in lines {
+        eprintln!("{layer}: {}", parts.join(", "));
+    }
+    Ok(())
+}
+
+const GIB: f64 = (1u64 << 30) as f64;
+const MIB: f64 = (1u64 << 20) as f64;
 
 fn open<'m>(
     model: &'m Model,
@@ -215,7 +272,7 @@ pub fn eval(a: &EvalArgs) -> anyhow::Result<()> {
     let bar = super::bars::Bars::new(false);
     let r = ggmerge::flows::eval::evaluate(s.session(), &questions, &bar)
         .with_context(|| a.file.display().to_string())?;
-    if a.verbose {
+    if a.experts.verbose {
         for (q, sc) in questions.iter().zip(&r.scores) {
             outln!(
                 "{} {:?} -> {:?} (log-lik. {:.2})",

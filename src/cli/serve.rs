@@ -67,15 +67,8 @@ pub struct ServeArgs {
     /// Directory POST /experts may load packs from (by file name only).
     #[arg(long)]
     pub expert_dir: Option<PathBuf>,
-    /// Layers to offload to a GPU (llama.cpp's -ngl; needs a GPU build).
-    #[arg(
-        long = "n-gpu-layers",
-        visible_alias = "ngl",
-        short_alias = 'g',
-        default_value_t = 0,
-        allow_negative_numbers = true
-    )]
-    pub gpu_layers: i32,
+    #[command(flatten)]
+    pub gpu: super::args::GpuArgs,
     /// Most requests waiting (more get 503 queue_full).
     #[arg(long, default_value_t = 64)]
     pub queue: usize,
@@ -165,7 +158,7 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
         host: a.host.clone(),
         port: a.port,
         session,
-        gpu_layers: a.gpu_layers,
+        model: super::run::model_options(&a.gpu),
         cache_bytes: a.cache_mib << 20,
         api_key: a.api_key.clone(),
         expert_dir: a.expert_dir.clone(),

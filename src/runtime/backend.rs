@@ -1,4 +1,10 @@
-//! llama.cpp's process-wide state: `llama_backend_init` (once) and its log sink.
+//! llama.cpp's process-wide state: `llama_backend_init` (once), its log sink, and the compute
+//! devices the build knows ([`devices`], [`gpu_offload_supported`]).
+//!
+//! Which devices exist is decided when llama.cpp is built: the default build has the CPU only;
+//! ggmerge's cargo features `cuda`, `vulkan`, `metal`, `rocm` add a GPU backend, and
+//! `dynamic-backends` loads every backend library found beside the executable at [`init`]
+//! (ggml's `ggml_backend_load_all`, which also picks the best CPU variant for the machine).
 //!
 //! llama.cpp logs through one global callback. By default ggmerge's sink drops everything but
 //! keeps the last error-level message *of the thread that logged it*, which
@@ -41,9 +47,101 @@ pub fn init() {
         // guarantees it runs once, before any other llama.cpp call of this layer.
         unsafe {
             sys::llama_log_set(Some(log_sink), std::ptr::null_mut());
+            #[cfg(feature = "dynamic-backends")]
+            // Loads the backend libraries (CPU variants, GPUs) built beside the executable;
+            // takes no arguments, registers what it finds in ggml's global registry.
+            sys::ggml_backend_load_all();
             sys::llama_backend_init();
         }
     });
+}
+
+/// What kind of device a [`Device`] is (ggml's `ggml_backend_dev_type`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DeviceKind {
+    /// The host CPU.
+    Cpu,
+    /// A discrete GPU.
+    Gpu,
+    /// A GPU sharing the host's memory.
+    IntegratedGpu,
+    /// An accelerator working beside the CPU (BLAS, AMX …), holding no layers itself.
+    Accelerator,
+    /// Anything newer than this list.
+    Other,
+}
+
+/// A compute device of this build of llama.cpp.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Device {
+    /// ggml's name (`CPU`, `CUDA0`, `Vulkan0`, `Metal` …): what buffers on it are named after.
+    pub name: String,
+    /// The driver's description (`NVIDIA GeForce RTX 4090`, `llvmpipe (LLVM 15.0.6, 256 bits)`).
+    pub description: String,
+    /// CPU, GPU, …
+    pub kind: DeviceKind,
+    /// Memory free and total, bytes, as the driver reports them (0 when unknown).
+    pub memory_free: u64,
+    /// See `memory_free`.
+    pub memory_total: u64,
+}
+
+/// The devices llama.cpp can use, in its order (GPUs first, then the CPU); `-ngl` offloads to
+/// the GPUs among them.
+pub fn devices() -> Vec<Device> {
+    init();
+    let text = |p: *const c_char| {
+        if p.is_null() {
+            String::new()
+        } else {
+            // SAFETY: ggml returns static NUL-terminated names owned by the device (checked
+            // non-null), alive as long as the process.
+            unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned()
+        }
+    };
+    // SAFETY: the registry is initialised (init above); indices below the count are valid and
+    // the device handles live as long as the process.
+    let n = unsafe { sys::ggml_backend_dev_count() };
+    (0..n)
+        .filter_map(|i| {
+            let dev = unsafe { sys::ggml_backend_dev_get(i) };
+            if dev.is_null() {
+                return None;
+            }
+            let (mut free, mut total) = (0usize, 0usize);
+            // SAFETY: `dev` is a live device (non-null); the out-pointers are locals.
+            let (name, description, kind) = unsafe {
+                sys::ggml_backend_dev_memory(dev, &mut free, &mut total);
+                (
+                    text(sys::ggml_backend_dev_name(dev)),
+                    text(sys::ggml_backend_dev_description(dev)),
+                    sys::ggml_backend_dev_type(dev),
+                )
+            };
+            let kind = match kind {
+                sys::GGML_BACKEND_DEVICE_TYPE_CPU => DeviceKind::Cpu,
+                sys::GGML_BACKEND_DEVICE_TYPE_GPU => DeviceKind::Gpu,
+                sys::GGML_BACKEND_DEVICE_TYPE_IGPU => DeviceKind::IntegratedGpu,
+                sys::GGML_BACKEND_DEVICE_TYPE_ACCEL => DeviceKind::Accelerator,
+                _ => DeviceKind::Other,
+            };
+            Some(Device {
+                name,
+                description,
+                kind,
+                memory_free: free as u64,
+                memory_total: total as u64,
+            })
+        })
+        .collect()
+}
+
+/// Whether this build can offload layers to a GPU (`llama_supports_gpu_offload`): a GPU
+/// backend was compiled in (or loaded) and found a device.
+pub fn gpu_offload_supported() -> bool {
+    init();
+    // SAFETY: no arguments; reads the initialised registry.
+    unsafe { sys::llama_supports_gpu_offload() }
 }
 
 /// Takes (and clears) this thread's last llama.cpp error-level log message; empty when there

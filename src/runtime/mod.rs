@@ -52,7 +52,7 @@ pub use answer::AnswerScore;
 pub use error::RuntimeError;
 pub use experts::{Expert, ExpertSession, SwitchReport};
 pub use generate::{GenerateOptions, Generation, StopReason};
-pub use model::{ChatMessage, Model, ModelOptions, Token};
+pub use model::{ChatMessage, Model, ModelOptions, Placement, Token};
 pub use perplexity::Perplexity;
 pub use session::{Session, SessionOptions};
 pub use train::{TrainError, TrainEvent, TrainOptions, TrainReport};

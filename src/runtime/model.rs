@@ -2,6 +2,7 @@
 //! and (discovered on first use) its weight tensors.
 
 use std::cell::OnceCell;
+use std::collections::BTreeMap;
 use std::ffi::{c_char, CStr, CString};
 use std::path::{Path, PathBuf};
 use std::ptr::NonNull;
@@ -19,8 +20,13 @@ pub type Token = i32;
 /// How to load a model.
 #[derive(Debug, Clone)]
 pub struct ModelOptions {
-    /// Layers to offload to a GPU (llama.cpp's `n_gpu_layers`; 0 keeps everything on the CPU).
+    /// Layers to offload to a GPU (llama.cpp's `n_gpu_layers`): 0 keeps everything on the CPU,
+    /// a negative number offloads every layer and the output. Without a GPU in the build
+    /// ([`super::backend::gpu_offload_supported`]) llama.cpp ignores it.
     pub gpu_layers: i32,
+    /// The GPU that holds the model when layers are offloaded to one GPU (llama.cpp's
+    /// `main_gpu`, an index among the GPUs of [`super::backend::devices`]).
+    pub main_gpu: i32,
     /// Let llama.cpp repack weights for its fast CPU kernels (`use_extra_bufts`). Repacked
     /// tensors still accept whole-tensor writes ([`Session::set_weight`]).
     pub repack: bool,
@@ -34,10 +40,25 @@ impl Default for ModelOptions {
     fn default() -> Self {
         ModelOptions {
             gpu_layers: 0,
+            main_gpu: 0,
             repack: true,
             threads: None,
         }
     }
+}
+
+/// Weights of one layer in one backend buffer ([`Model::placement`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Placement {
+    /// The layer (`blk.N`), or `None` for tensors outside the layers.
+    pub layer: Option<u32>,
+    /// The buffer's name: `CPU`, `CPU_REPACK` (repacked for the fast CPU kernels), or a
+    /// device's (`CUDA0`, `Vulkan0`, `Metal` …).
+    pub buffer: String,
+    /// Weight tensors there.
+    pub tensors: usize,
+    /// Their bytes.
+    pub bytes: u64,
 }
 
 /// One message of a chat, for [`Model::apply_chat_template`].
@@ -126,6 +147,7 @@ impl Model {
         // SAFETY: plain-data default parameters; no pointers are set.
         let mut params = unsafe { sys::llama_model_default_params() };
         params.n_gpu_layers = opts.gpu_layers;
+        params.main_gpu = opts.main_gpu;
         // mmap'd CPU weights are read-only: writing them would segfault.
         params.load_mode = sys::LLAMA_LOAD_MODE_NONE;
         params.lazy_mode = sys::LLAMA_LAZY_MODE_OFF;
@@ -174,6 +196,31 @@ impl Model {
         }
         let found = weights::discover(self, self.threads)?;
         Ok(self.weights.get_or_init(|| found))
+    }
+
+    /// Where the weights live: per layer (`blk.N.*`; `None` for the tensors outside layers:
+    /// embeddings, output, norms) and backend buffer (`CPU`, `CPU_REPACK`, `CUDA0`,
+    /// `Vulkan0` …), the tensors and bytes there — in layer order, the non-layer group first.
+    pub fn placement(&self) -> Result<Vec<Placement>> {
+        let mut groups: BTreeMap<(Option<u32>, String), (usize, u64)> = BTreeMap::new();
+        for t in self.weights()?.iter() {
+            let key = (
+                crate::format::gguf::block_index(t.name()),
+                t.buffer_name().to_string(),
+            );
+            let g = groups.entry(key).or_default();
+            g.0 += 1;
+            g.1 += t.nbytes();
+        }
+        Ok(groups
+            .into_iter()
+            .map(|((layer, buffer), (tensors, bytes))| Placement {
+                layer,
+                buffer,
+                tensors,
+                bytes,
+            })
+            .collect())
     }
 
     /// The model's description (`llama_model_desc`, e.g. `llama 135M Q4_1`).

@@ -79,9 +79,13 @@ pub const MAX_CTX: u32 = 1 << 20;
 /// How to train.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TrainOptions {
-    /// AdamW learning rate, constant over the whole run (> 0). A pretrained model wants about
-    /// 5e-5; a randomly initialised one far more (1e-3 …).
+    /// AdamW learning rate of the first epoch (> 0). A pretrained model wants about 5e-5; a
+    /// randomly initialised one far more (1e-3 …).
     pub lr: f32,
+    /// Learning rate of the last epoch (> 0, ≤ `lr`): the rate decays exponentially, epoch by
+    /// epoch, from `lr` to it ([`TrainOptions::lr_at`]); `None` keeps `lr` constant (as
+    /// llama.cpp's `finetune` without `-lr-min`).
+    pub lr_min: Option<f32>,
     /// AdamW weight decay (≥ 0).
     pub weight_decay: f32,
     /// Passes over the training sequences (≥ 1).
@@ -104,6 +108,7 @@ impl Default for TrainOptions {
     fn default() -> TrainOptions {
         TrainOptions {
             lr: 5e-5,
+            lr_min: None,
             weight_decay: 0.0,
             epochs: 2,
             n_ctx: 256,
@@ -124,6 +129,14 @@ impl TrainOptions {
                 "learning rate {}: must be a positive number",
                 self.lr
             ));
+        }
+        if let Some(min) = self.lr_min {
+            if !min.is_finite() || min <= 0.0 || min > self.lr {
+                return invalid(format!(
+                    "minimum learning rate {min}: must be a positive number ≤ the learning rate {}",
+                    self.lr
+                ));
+            }
         }
         if !self.weight_decay.is_finite() || self.weight_decay < 0.0 {
             return invalid(format!(
@@ -153,6 +166,19 @@ impl TrainOptions {
         Ok(())
     }
 
+    /// The learning rate of `epoch` (1-based): `lr` for the first, `lr_min` for the last, the
+    /// ratio between consecutive epochs constant in between (`lr` throughout without `lr_min`).
+    pub fn lr_at(&self, epoch: usize) -> f32 {
+        match self.lr_min {
+            Some(min) if self.epochs > 1 => {
+                let t = (epoch.clamp(1, self.epochs) - 1) as f64 / (self.epochs - 1) as f64;
+                let (lr, min) = (f64::from(self.lr), f64::from(min));
+                (lr * (min / lr).powf(t)) as f32
+            }
+            _ => self.lr,
+        }
+    }
+
     /// [`TrainOptions::n_ctx`] rounded up to a multiple of [`CTX_PADDING`]: the context
     /// llama.cpp trains with.
     pub fn padded_ctx(&self) -> u32 {
@@ -178,8 +204,10 @@ pub struct TrainPlan {
     pub train_sequences: usize,
     /// Sequences only evaluated (the last ones).
     pub val_sequences: usize,
-    /// AdamW learning rate.
+    /// AdamW learning rate (of the first epoch).
     pub lr: f32,
+    /// Learning rate of the last epoch, when it decays.
+    pub lr_min: Option<f32>,
     /// AdamW weight decay.
     pub weight_decay: f32,
     /// Passes over the training sequences.
@@ -238,6 +266,8 @@ pub struct StepProgress {
 pub struct EpochReport {
     /// The epoch (1-based).
     pub epoch: usize,
+    /// The learning rate it trained with.
+    pub lr: f32,
     /// Over the training sequences (measured while training).
     pub train: TrainStats,
     /// Over the validation sequences; `None` without any.
@@ -249,7 +279,7 @@ pub struct EpochReport {
 }
 
 /// Progress of [`train`], in order: one `Start`, then per epoch its `Step`s (training, then
-/// validation) and one `Epoch`.
+/// validation), one `Epoch` and one `Trained`.
 #[derive(Clone, Copy, Debug)]
 pub enum TrainEvent<'a> {
     /// The text is tokenized and the model about to be trained.
@@ -258,6 +288,14 @@ pub enum TrainEvent<'a> {
     Step(&'a StepProgress),
     /// An epoch is done.
     Epoch(&'a EpochReport),
+    /// The weights after an epoch, to read (score questions with a [`super::Session`] of the
+    /// model, as `ggmerge finetune --eval` does); training goes on when the handler returns.
+    Trained {
+        /// The epoch just done (1-based).
+        epoch: usize,
+        /// The model being trained.
+        model: &'a Model,
+    },
 }
 
 /// What [`train`] did.
@@ -489,10 +527,11 @@ unsafe fn stats_of(r: sys::ggml_opt_result_t) -> TrainStats {
 // ---------------------------------------------------------------------------------------------
 // Callbacks handed to llama.cpp.
 
-/// Optimizer parameters read by [`opt_pars`] before every optimizer step.
+/// Optimizer parameters read by [`opt_pars`] before every optimizer step; `lr` is set between
+/// epochs (never while llama.cpp runs, on the thread that runs it).
 #[repr(C)]
 struct LrPars {
-    lr: f32,
+    lr: Cell<f32>,
     wd: f32,
 }
 
@@ -504,11 +543,12 @@ unsafe extern "C" fn opt_pars(ud: *mut c_void) -> sys::ggml_opt_optimizer_params
     // A panic must not unwind into C (nothing here can panic; the guard is the rule).
     let _ = catch_unwind(AssertUnwindSafe(|| {
         // SAFETY: `ud` is the `LrPars` handed to llama_opt_init, alive (on `train`'s stack)
-        // until the context that calls this is freed, and never written while training runs.
+        // until the context that calls this is freed; llama.cpp calls this on the thread that
+        // called llama_opt_epoch, and `train` writes `lr` only between those calls.
         if let Some(lr) = unsafe { ud.cast::<LrPars>().as_ref() } {
-            p.adamw.alpha = lr.lr;
+            p.adamw.alpha = lr.lr.get();
             p.adamw.wd = lr.wd;
-            p.sgd.alpha = lr.lr;
+            p.sgd.alpha = lr.lr.get();
             p.sgd.wd = lr.wd;
         }
     }));
@@ -640,7 +680,7 @@ pub fn train(
     // Read by `opt_pars` during training: declared before the context, so it is dropped after
     // it (locals drop in reverse order).
     let pars = LrPars {
-        lr: opts.lr,
+        lr: Cell::new(opts.lr),
         wd: opts.weight_decay,
     };
     let mut ctx = Context::for_training(model, opts.padded_ctx(), threads)?;
@@ -668,6 +708,7 @@ pub fn train(
         train_sequences: split,
         val_sequences: ndata - split,
         lr: opts.lr,
+        lr_min: opts.lr_min,
         weight_decay: opts.weight_decay,
         epochs: opts.epochs,
         threads,
@@ -701,6 +742,7 @@ pub fn train(
     let mut epochs = Vec::with_capacity(opts.epochs);
     for epoch in 1..=opts.epochs {
         let t = Instant::now();
+        pars.lr.set(opts.lr_at(epoch));
         let mut sink = StepSink {
             epoch,
             epochs: opts.epochs,
@@ -733,12 +775,14 @@ pub fn train(
         let val = res_val.stats();
         let report = EpochReport {
             epoch,
+            lr: pars.lr.get(),
             train: res_train.stats(),
             val: (val.tokens > 0).then_some(val),
             secs: t.elapsed().as_secs_f64(),
             secs_per_step: sink.train_secs_per_step,
         };
         on_event(TrainEvent::Epoch(&report));
+        on_event(TrainEvent::Trained { epoch, model });
         epochs.push(report);
         res_train.reset();
         res_val.reset();
@@ -797,6 +841,29 @@ mod tests {
         bad(&|o| o.val_split = 1.0, "validation split");
         bad(&|o| o.val_split = -0.1, "validation split");
         bad(&|o| o.threads = Some(0), "thread");
+        bad(&|o| o.lr_min = Some(1.0), "minimum learning rate");
+        bad(&|o| o.lr_min = Some(0.0), "minimum learning rate");
+        bad(&|o| o.lr_min = Some(f32::NAN), "minimum learning rate");
+    }
+
+    #[test]
+    fn the_learning_rate_decays_from_lr_to_lr_min() {
+        let o = TrainOptions {
+            lr: 1e-4,
+            lr_min: Some(1e-5),
+            epochs: 3,
+            ..Default::default()
+        };
+        assert_eq!(o.lr_at(1), 1e-4);
+        assert!((o.lr_at(2) - 1e-4 / 10f32.sqrt()).abs() < 1e-10);
+        assert!((o.lr_at(3) - 1e-5).abs() < 1e-11);
+        let constant = TrainOptions {
+            lr_min: None,
+            ..o.clone()
+        };
+        assert_eq!(constant.lr_at(3), 1e-4);
+        let one = TrainOptions { epochs: 1, ..o };
+        assert_eq!(one.lr_at(1), 1e-4);
     }
 
     #[test]

@@ -36,7 +36,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, RwLock};
 
 use crate::merge::method::Method;
-use crate::runtime::{Expert, SessionOptions};
+use crate::runtime::{Expert, ModelOptions, SessionOptions};
 use crate::serve::http::AppState;
 use crate::serve::metrics::Metrics;
 use crate::serve::worker::{Catalog, Queue, Scheduling, WorkerConfig};
@@ -58,8 +58,8 @@ pub struct ServeOptions {
     pub port: u16,
     /// Context size and threads.
     pub session: SessionOptions,
-    /// Layers offloaded to a GPU (`-ngl`).
-    pub gpu_layers: i32,
+    /// How llama.cpp loads the base (GPU offload: `gpu_layers`, `main_gpu`).
+    pub model: ModelOptions,
     /// Bytes of cached mixtures.
     pub cache_bytes: u64,
     /// Required `Authorization: Bearer` key.
@@ -88,7 +88,7 @@ impl ServeOptions {
             host: "127.0.0.1".into(),
             port: 8080,
             session: SessionOptions::default(),
-            gpu_layers: 0,
+            model: ModelOptions::default(),
             cache_bytes: 1 << 30,
             api_key: None,
             expert_dir: None,
@@ -152,7 +152,7 @@ pub fn serve(opts: ServeOptions, on_ready: impl FnOnce(SocketAddr)) -> Result<()
             experts: opts.experts.clone(),
             method: opts.method,
             session: opts.session.clone(),
-            gpu_layers: opts.gpu_layers,
+            model: opts.model.clone(),
             cache_bytes: opts.cache_bytes,
             scheduling: opts.scheduling,
             prefix_cache: opts.prefix_cache,

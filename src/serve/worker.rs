@@ -387,8 +387,8 @@ pub struct WorkerConfig {
     pub method: Method,
     /// Context, threads.
     pub session: SessionOptions,
-    /// Layers offloaded to a GPU.
-    pub gpu_layers: i32,
+    /// How the base is loaded (GPU offload).
+    pub model: ModelOptions,
     /// Bytes of cached mixtures.
     pub cache_bytes: u64,
     /// Request order.
@@ -409,11 +409,7 @@ pub fn start(
     let handle = std::thread::Builder::new()
         .name("ggmerge-inference".into())
         .spawn(move || {
-            let opts = ModelOptions {
-                gpu_layers: cfg.gpu_layers,
-                ..Default::default()
-            };
-            let model = match Model::load(&cfg.base, &opts) {
+            let model = match Model::load(&cfg.base, &cfg.model) {
                 Ok(m) => m,
                 Err(e) => {
                     let _ = ready_tx.send(Err(chain(&e)));

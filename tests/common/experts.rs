@@ -126,3 +126,51 @@ pub fn llama_logits(path: &Path) -> Vec<f32> {
         logits
     }
 }
+
+/// DARE packs (F16 values) of synthetic fine-tunes of `base`, one per `(seed, name)`, at
+/// `density` with mask seed `mask_seed`, in `dir` as `NAME.dpk.gguf` (the fine-tunes are
+/// removed once extracted).
+pub fn packs_of(
+    base: &Path,
+    dir: &Path,
+    experts: &[(u64, &str)],
+    density: f64,
+    mask_seed: u64,
+) -> Vec<std::path::PathBuf> {
+    use ggmerge::flows::extract::{extract_delta, ExtractOptions};
+    experts
+        .iter()
+        .map(|&(seed, name)| {
+            let ft = dir.join(format!("{name}.gguf"));
+            make_expert(base, &ft, seed, 3e-2, GgmlType::F16, &[]);
+            let pack = dir.join(format!("{name}.dpk.gguf"));
+            let o = ExtractOptions {
+                density,
+                seed: mask_seed,
+                ..Default::default()
+            };
+            extract_delta(base, &ft, &pack, &o, &ggmerge::NoProgress).unwrap();
+            std::fs::remove_file(&ft).unwrap();
+            pack
+        })
+        .collect()
+}
+
+/// Applies packs with their weights to `base` offline (task arithmetic, `merge` with packs as
+/// models) into `output`.
+pub fn apply_packs(base: &Path, packs: &[(&Path, f64)], output: &Path) {
+    use ggmerge::merge::config::{ConfigSource, MergeConfig, Method, ModelEntry, ParamValue};
+    let mut cfg = MergeConfig::new(Method::TaskArithmetic, ConfigSource::Cli);
+    cfg.base_model = Some(base.display().to_string());
+    for (p, w) in packs {
+        let mut e = ModelEntry::new(p.display().to_string());
+        e.parameters.set("weight", ParamValue::Number(*w));
+        cfg.models.push(e);
+    }
+    let opts = ggmerge::MergeOptions {
+        output: output.to_path_buf(),
+        threads: Some(2),
+        ..Default::default()
+    };
+    ggmerge::merge_models(&cfg, &opts, &ggmerge::NoProgress).unwrap();
+}

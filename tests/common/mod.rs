@@ -38,6 +38,18 @@ pub fn gemma3() -> PathBuf {
     model("gemma-3-270m-q4_k_m.gguf")
 }
 
+/// Layers the runtime tests offload to a GPU: `$GGMERGE_TEST_NGL` (a number or `all`), else 0.
+/// scripts/test-vulkan.sh sets it to run the runtime suites on a Vulkan device.
+pub fn test_gpu_layers() -> i32 {
+    match std::env::var("GGMERGE_TEST_NGL").as_deref() {
+        Ok("all") => -1,
+        Ok(n) => n
+            .parse()
+            .expect("GGMERGE_TEST_NGL: a number of layers or `all`"),
+        Err(_) => 0,
+    }
+}
+
 /// The Python interpreter with gguf-py installed (`$GGMERGE_PYTHON`, else `python3`).
 pub fn python() -> String {
     std::env::var("GGMERGE_PYTHON").unwrap_or_else(|_| "python3".into())
@@ -77,4 +89,20 @@ pub fn text(b: &[u8]) -> String {
 /// A path as a command-line argument.
 pub fn s(p: &Path) -> &str {
     p.to_str().expect("test paths are UTF-8")
+}
+
+/// Two packs, `math` and `code` (F16 values, density 0.2), of two synthetic SmolLM2
+/// fine-tunes, made once per test binary: (their directory, math, code).
+pub fn smollm2_pack_pair() -> &'static (tempfile::TempDir, std::path::PathBuf, std::path::PathBuf) {
+    use std::sync::OnceLock;
+    static P: OnceLock<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf)> =
+        OnceLock::new();
+    P.get_or_init(|| {
+        let dir = tempdir();
+        let base = smollm2();
+        let mut p = experts::packs_of(&base, dir.path(), &[(21, "math"), (22, "code")], 0.2, 5);
+        let code = p.pop().unwrap();
+        let math = p.pop().unwrap();
+        (dir, math, code)
+    })
 }
