@@ -20,14 +20,19 @@
 # Disk: the work directory (under $BENCH_DIR, default $TMPDIR or /tmp) holds at most a base and
 # two experts in F16, two packs and one output: about 4 GB at 0.5B and 8.5 GB at 1.1B; each
 # size is removed before the next, everything on exit. A size whose estimate does not fit the
-# free space is skipped with a message. $SIZES picks sizes (default "0.1b 0.5b 1.1b").
-# Prints a Markdown table; the load average before and after is printed with it (the machine
-# may be shared: ratios are measured within one run, alternating, best of $RUNS).
+# free space is skipped with a message. Sizes: the arguments, else $SIZES, else "0.1b 0.5b
+# 1.1b" (e.g. `scripts/bench-scale.sh 0.1b`).
+#
+# Prints a Markdown table, the load average before and after (the machine may be shared: ratios
+# are measured within one run, alternating, best of $RUNS), and whether issue 16's targets are
+# met: peak RSS of every streaming command at most 15% of its inputs and its private peak under
+# 128 MiB at the largest size measured; quantize at most 1.0x llama-quantize's time at every
+# size.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 threads=${THREADS:-$(nproc)}
 runs=${RUNS:-3}
-sizes=${SIZES:-"0.1b 0.5b 1.1b"}
+sizes=${*:-${SIZES:-"0.1b 0.5b 1.1b"}}
 
 models=${GGMERGE_MODELS:-.cache/models}
 smol=$models/SmolLM2-135M-Instruct.Q4_1.gguf
@@ -83,9 +88,14 @@ best() {
 
 # Appends a table row: LABEL COMMAND INPUT_BYTES RESULT [REFERENCE_RESULT]; the reference's
 # wall time gives the ratio column.
-rows=()
+# Facts for the targets, one "SIZE|LABEL|RSS/INPUTS|PRIVATE_MIB|RATIO" line per row.
+rows=() facts=()
 row() {
   local size=$1 label=$2 inb=$3 res=$4 ref=${5:-}
+  facts+=("$(awk -v size="$size" -v l="$label" -v inb="$inb" -v res="$res" -v ref="$ref" 'BEGIN {
+    split(res, r, " "); ratio = "-"
+    if (ref != "") { split(ref, f, " "); ratio = sprintf("%.2f", r[1] / f[1]) }
+    printf "%s|%s|%.3f|%.0f|%s", size, l, r[3] * 1024 / inb, r[4] / 1024, ratio }')")
   rows+=("$(awk -v size="$size" -v l="$label" -v inb="$inb" -v res="$res" -v ref="$ref" 'BEGIN {
     split(res, r, " ")
     ratio = "";
@@ -167,3 +177,25 @@ echo
 echo "| size | command | inputs | wall | s / GB of input | × llama-quantize | CPU | peak RSS | RSS / inputs | private peak |"
 echo "|---|---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${rows[@]}"
+
+[ ${#facts[@]} -gt 0 ] || exit 0
+echo
+echo "Targets (issue 16):"
+printf '%s\n' "${facts[@]}" | awk -F'|' '
+  { size[NR] = $1; label[NR] = $2; rss[NR] = $3; priv[NR] = $4; ratio[NR] = $5; last = $1 }
+  END {
+    worst_rss = 0; worst_priv = 0; worst_ratio = 0
+    for (i = 1; i <= NR; i++) {
+      if (label[i] ~ /^llama-quantize/) continue
+      if (size[i] == last && rss[i] + 0 > worst_rss) { worst_rss = rss[i] + 0; rss_at = label[i] }
+      if (size[i] == last && priv[i] + 0 > worst_priv) { worst_priv = priv[i] + 0; priv_at = label[i] }
+      if (ratio[i] != "-" && ratio[i] + 0 > worst_ratio) { worst_ratio = ratio[i] + 0; ratio_at = size[i] " " label[i] }
+    }
+    printf "- peak RSS <= 15%% of inputs at %s: %s (largest %.1f%%, %s)\n", last,
+      (worst_rss <= 0.15 ? "met" : "NOT met"), worst_rss * 100, rss_at
+    printf "- private peak < 128 MiB at %s: %s (largest %d MiB, %s)\n", last,
+      (worst_priv < 128 ? "met" : "NOT met"), worst_priv, priv_at
+    if (ratio_at != "")
+      printf "- quantize <= 1.0x llama-quantize at every size: %s (largest %.2fx, %s)\n",
+        (worst_ratio <= 1.0 ? "met" : "NOT met"), worst_ratio, ratio_at
+  }'
