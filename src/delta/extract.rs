@@ -27,6 +27,9 @@ use crate::merge::MergeError;
 use crate::progress::Progress;
 use crate::threads::with_threads;
 
+/// Bytes of an unchanged tensor compared between two releases of its pages.
+const COMPARE_PIECE: usize = 8 << 20;
+
 /// Options of [`extract`].
 #[derive(Clone, Debug)]
 pub struct ExtractOptions {
@@ -208,8 +211,22 @@ pub fn extract(
                 base.release(name, 0..usize::MAX);
                 ft.release(name, 0..usize::MAX);
             };
-            if f.ty == b.ty && f.shape == b.shape && f.data == b.data {
-                release();
+            // Unchanged tensors (often the embedding, 100s of MB) are compared piece by
+            // piece, each piece's pages released once compared.
+            let same = f.ty == b.ty
+                && f.shape == b.shape
+                && f.data.len() == b.data.len()
+                && (f.data.chunks(COMPARE_PIECE))
+                    .zip(b.data.chunks(COMPARE_PIECE))
+                    .enumerate()
+                    .all(|(k, (x, y))| {
+                        let equal = x == y;
+                        let start = k * COMPARE_PIECE;
+                        base.release(name, start..start + y.len());
+                        ft.release(name, start..start + x.len());
+                        equal
+                    });
+            if same {
                 progress.advance(n_elems);
                 continue;
             }

@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use xxhash_rust::xxh3::Xxh3;
 
 use crate::delta::error::{DeltaError, Result};
 use crate::format::gguf::{GgufModel, TensorRef, Value};
@@ -104,6 +104,9 @@ impl MaskKind {
     }
 }
 
+/// Bytes of a tensor hashed between two releases of its pages ([`fingerprint`]).
+const FINGERPRINT_PIECE: usize = 8 << 20;
+
 /// The fingerprint of a base model: xxh3 over every tensor's name, shape, type and data (per
 /// tensor, in parallel), combined in tensor order. Hex, 16 digits.
 pub fn fingerprint(model: &dyn ModelSource) -> Result<String> {
@@ -123,10 +126,16 @@ pub fn fingerprint(model: &dyn ModelSource) -> Result<String> {
                 h.update(&d.to_le_bytes());
             }
             h.update(&t.ty.id().to_le_bytes());
-            h.update(&xxh3_64(&t.data).to_le_bytes());
-            // Read once: its pages leave the resident set (a base of any size costs one
-            // tensor's worth of memory to fingerprint).
-            model.release(name, 0..usize::MAX);
+            // The data's xxh3, streamed (the same value as one pass) 8 MiB at a time, each
+            // piece's pages leaving the resident set once read: fingerprinting a base costs a
+            // few pieces of memory whatever its largest tensor (an embedding is 100s of MB).
+            let mut data = Xxh3::new();
+            for (k, piece) in t.data.chunks(FINGERPRINT_PIECE).enumerate() {
+                data.update(piece);
+                let start = k * FINGERPRINT_PIECE;
+                model.release(name, start..start + piece.len());
+            }
+            h.update(&data.digest().to_le_bytes());
             Ok(h.digest())
         })
         .collect::<Result<_>>()?;
