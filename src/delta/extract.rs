@@ -3,7 +3,9 @@
 //! The delta of every changed tensor is computed and sparsified by the merge engine itself
 //! (same masks, same rescale), so applying a DARE pack reproduces `merge` byte for byte when
 //! values are stored as F32 and the stream is the model's index in the merge. Tensors go to
-//! the [`PackWriter`] one at a time (one tensor in memory).
+//! the [`PackWriter`] slab by slab as the engine computes them, and input rows the engine is
+//! done with leave the process's resident set (inputs are memory-mapped), so extraction holds
+//! about one slab whatever the model's size.
 
 use std::path::Path;
 use std::time::Instant;
@@ -25,6 +27,9 @@ use crate::merge::MergeError;
 use crate::progress::Progress;
 use crate::quant::Requant;
 use crate::threads::with_threads;
+
+/// Bytes of an unchanged tensor compared between two releases of its pages.
+const COMPARE_PIECE: usize = 8 << 20;
 
 /// Options of [`extract`].
 #[derive(Clone, Debug)]
@@ -202,7 +207,27 @@ pub fn extract(
                 }
                 .into());
             }
-            if f.ty == b.ty && f.shape == b.shape && f.data == b.data {
+            // Read once: the pages of both leave the resident set when the tensor is done.
+            let release = || {
+                base.release(name, 0..usize::MAX);
+                ft.release(name, 0..usize::MAX);
+            };
+            // Unchanged tensors (often the embedding, 100s of MB) are compared piece by
+            // piece, each piece's pages released once compared.
+            let same = f.ty == b.ty
+                && f.shape == b.shape
+                && f.data.len() == b.data.len()
+                && (f.data.chunks(COMPARE_PIECE))
+                    .zip(b.data.chunks(COMPARE_PIECE))
+                    .enumerate()
+                    .all(|(k, (x, y))| {
+                        let equal = x == y;
+                        let start = k * COMPARE_PIECE;
+                        base.release(name, start..start + y.len());
+                        ft.release(name, start..start + x.len());
+                        equal
+                    });
+            if same {
                 progress.advance(n_elems);
                 continue;
             }
@@ -211,24 +236,31 @@ pub fn extract(
                     tensor: name.clone(),
                 });
             }
+            let base_input =
+                InputTensor::new(&b.data, b.ty, b.shape[0], name).map_err(|source| {
+                    DeltaError::Tensor {
+                        path: base_path.to_path_buf(),
+                        source,
+                    }
+                })?;
+            let ft_input = InputTensor::new(&f.data, f.ty, f.shape[0], name).map_err(|source| {
+                DeltaError::Tensor {
+                    path: finetuned.to_path_buf(),
+                    source,
+                }
+            })?;
+            // Rows the engine is done with leave the resident set, as in a merge.
+            let (base_row, ft_row) = (base_input.row_bytes, ft_input.row_bytes);
+            let rows_done = |rows: std::ops::Range<usize>| {
+                base.release(name, rows.start * base_row..rows.end * base_row);
+                ft.release(name, rows.start * ft_row..rows.end * ft_row);
+            };
             let job = TensorJob {
                 name,
                 n_per_row: b.shape[0] as usize,
                 n_rows: b.shape[1..].iter().product::<u64>() as usize,
-                base: Some(InputTensor::new(&b.data, b.ty, b.shape[0], name).map_err(
-                    |source| DeltaError::Tensor {
-                        path: base_path.to_path_buf(),
-                        source,
-                    },
-                )?),
-                models: vec![ModelInput::Dense(
-                    InputTensor::new(&f.data, f.ty, f.shape[0], name).map_err(|source| {
-                        DeltaError::Tensor {
-                            path: finetuned.to_path_buf(),
-                            source,
-                        }
-                    })?,
-                )],
+                base: Some(base_input),
+                models: vec![ModelInput::Dense(ft_input)],
                 params: vec![ModelParams {
                     weight: 1.0,
                     density: opts.density,
@@ -246,40 +278,46 @@ pub fn extract(
                 chunk_elems: engine::DEFAULT_CHUNK_ELEMS,
                 output: JobOutput::SparseDelta,
                 measure: true,
-                rows_done: None,
+                rows_done: Some(&rows_done),
                 slabs: None,
             };
             let key = MaskKey::new(opts.seed, opts.stream, name);
+            // Kept values go to the pack slab by slab; explicit masks' indices are stored
+            // after the values, so they are collected (4 bytes per kept value).
             let mut values: Vec<f32> = Vec::new();
+            let mut keep: Vec<bool> = Vec::new();
             let mut indices: Vec<u32> = Vec::new();
             let mut pos = 0u64;
+            pack.begin_tensor(name)?;
             let st = engine::merge_tensor(&job, &mut |bytes| {
-                let delta: Vec<f32> = bytes
+                let delta = bytes
                     .chunks_exact(4)
-                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                    .collect();
+                    .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                let n = bytes.len() / 4;
+                values.clear();
                 match mask_kind {
-                    MaskKind::Dense => values.extend_from_slice(&delta),
+                    MaskKind::Dense => values.extend(delta),
                     MaskKind::Philox => {
-                        let mut keep = vec![false; delta.len()];
+                        keep.clear();
+                        keep.resize(n, false);
                         mask::keep_mask(&key, opts.density, pos, &mut keep);
-                        values.extend(delta.iter().zip(&keep).filter(|(_, &k)| k).map(|(v, _)| *v));
+                        values.extend(delta.zip(&keep).filter(|(_, &k)| k).map(|(v, _)| v));
                     }
                     MaskKind::Explicit => {
-                        for (j, v) in delta.iter().enumerate() {
-                            if *v != 0.0 {
-                                values.push(*v);
+                        for (j, v) in delta.enumerate() {
+                            if v != 0.0 {
+                                values.push(v);
                                 indices.push((pos + j as u64) as u32);
                             }
                         }
                     }
                 }
-                pos += delta.len() as u64;
-                progress.advance(delta.len() as u64);
-                Ok::<(), std::convert::Infallible>(())
+                pos += n as u64;
+                progress.advance(n as u64);
+                pack.push_values(&values)
             })
             .map_err(|e| match e {
-                MergeTensorError::Write(never) => match never {},
+                MergeTensorError::Write(e) => e,
                 MergeTensorError::Engine(e) => DeltaError::Tensor {
                     path: if e.culprit == Culprit::Base {
                         base_path.to_path_buf()
@@ -294,11 +332,13 @@ pub fn extract(
             elements += st.elements;
             step_sumsq += st.step_sumsq;
             step_blocks += st.step_blocks;
-            if mask_kind == MaskKind::Explicit && values.is_empty() {
+            release();
+            if mask_kind == MaskKind::Explicit && indices.is_empty() {
+                pack.discard_tensor()?;
                 continue;
             }
             let idx = (mask_kind == MaskKind::Explicit).then_some(&indices[..]);
-            pack.add(name, &values, idx)?;
+            pack.end_tensor(idx)?;
         }
         Ok(())
     });

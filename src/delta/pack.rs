@@ -25,7 +25,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use xxhash_rust::xxh3::Xxh3;
 
 use crate::delta::error::{DeltaError, Result};
 use crate::format::gguf::{GgufModel, TensorRef, Value};
@@ -104,6 +104,9 @@ impl MaskKind {
     }
 }
 
+/// Bytes of a tensor hashed between two releases of its pages ([`fingerprint`]).
+const FINGERPRINT_PIECE: usize = 8 << 20;
+
 /// The fingerprint of a base model: xxh3 over every tensor's name, shape, type and data (per
 /// tensor, in parallel), combined in tensor order. Hex, 16 digits.
 pub fn fingerprint(model: &dyn ModelSource) -> Result<String> {
@@ -123,7 +126,16 @@ pub fn fingerprint(model: &dyn ModelSource) -> Result<String> {
                 h.update(&d.to_le_bytes());
             }
             h.update(&t.ty.id().to_le_bytes());
-            h.update(&xxh3_64(&t.data).to_le_bytes());
+            // The data's xxh3, streamed (the same value as one pass) 8 MiB at a time, each
+            // piece's pages leaving the resident set once read: fingerprinting a base costs a
+            // few pieces of memory whatever its largest tensor (an embedding is 100s of MB).
+            let mut data = Xxh3::new();
+            for (k, piece) in t.data.chunks(FINGERPRINT_PIECE).enumerate() {
+                data.update(piece);
+                let start = k * FINGERPRINT_PIECE;
+                model.release(name, start..start + piece.len());
+            }
+            h.update(&data.digest().to_le_bytes());
             Ok(h.digest())
         })
         .collect::<Result<_>>()?;
@@ -287,6 +299,7 @@ impl DeltaPack {
                         .collect::<Vec<_>>()
                         .windows(2)
                         .all(|w| w[0] < w[1]);
+                    file.release_bytes(i.data);
                     if !ok {
                         return Err(bad(path, format!("indices of {name} are not ascending")));
                     }
@@ -309,6 +322,8 @@ impl DeltaPack {
                 let mut h = Xxh3::new();
                 for t in file.tensors() {
                     h.update(t.data);
+                    // Read again only when applied, tensor by tensor.
+                    file.release_bytes(t.data);
                 }
                 let got = format!("{:016x}", h.digest());
                 if got != want {
@@ -470,12 +485,27 @@ impl DeltaPack {
                     return Ok(None);
                 };
                 let n: u64 = b.shape.iter().product();
-                let mut values = vec![0f32; t.values.info.n_elements() as usize];
-                crate::quant::codec::dequantize_into(self.values, t.values.data, &mut values);
-                let sumsq: f64 = values[..(*kept as usize).min(values.len())]
-                    .iter()
-                    .map(|v| f64::from(*v) * f64::from(*v))
-                    .sum();
+                // Σ v² over the kept values, dequantized 64 Ki at a time (whole blocks; in
+                // order, so the sum is the one a single pass gives).
+                let (vblock, vsize) = (self.values.block_size() as usize, self.values.type_size());
+                let chunk = (1 << 16) / vblock * vblock;
+                let kept = (*kept as usize).min(t.values.info.n_elements() as usize);
+                let mut values = vec![0f32; chunk];
+                let mut sumsq = 0f64;
+                for (k, src) in t
+                    .values
+                    .data
+                    .chunks(chunk / vblock * vsize as usize)
+                    .enumerate()
+                {
+                    let len = src.len() / vsize as usize * vblock;
+                    crate::quant::codec::dequantize_into(self.values, src, &mut values[..len]);
+                    let take = kept.saturating_sub(k * chunk).min(len);
+                    for v in &values[..take] {
+                        sumsq += f64::from(*v) * f64::from(*v);
+                    }
+                }
+                self.file.release_bytes(t.values.data);
                 let delta_rms = (sumsq / n.max(1) as f64).sqrt();
                 // The base's first 64 Ki elements (whole blocks) as a sample of its scale.
                 let block = b.ty.block_size().max(1);
@@ -485,6 +515,7 @@ impl DeltaPack {
                 if let Some(src) = b.data.get(..bytes) {
                     crate::quant::codec::dequantize_into(b.ty, src, &mut base_values);
                 }
+                base.release(name, 0..bytes);
                 let base_sumsq: f64 = base_values.iter().map(|v| f64::from(*v).powi(2)).sum();
                 let base_rms = (base_sumsq / sample.max(1) as f64).sqrt();
                 let ratio = if base_rms > 0.0 {

@@ -1,8 +1,8 @@
 //! Writing a delta pack ([`PackWriter`]): the kept values (and, for explicit masks, indices)
-//! of each changed tensor are encoded and streamed to a scratch file as they come — one tensor
-//! in memory at a time — and checksummed on the way; [`PackWriter::finish`] then writes the
-//! GGUF pack header first (with the kept counts and the checksum, known only at the end) and
-//! copies the data after it. The keys are the reader's constants ([`crate::delta::pack`]).
+//! of each changed tensor are encoded and streamed to a scratch file as they come — values
+//! slab by slab, as the caller computes them — and checksummed on the way;
+//! [`PackWriter::finish`] then writes the GGUF pack header first (with the kept counts and the
+//! checksum, known only at the end) and copies the data after it. The keys are the reader's constants ([`crate::delta::pack`]).
 
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
@@ -60,6 +60,22 @@ pub struct PackWriter {
     /// Bytes of each tensor in the spill file, in order.
     sizes: Vec<usize>,
     kept: Vec<u64>,
+    /// The tensor being added.
+    current: Option<Current>,
+    /// Encoded values, reused.
+    encoded: Vec<u8>,
+}
+
+/// A tensor being added to a [`PackWriter`].
+struct Current {
+    /// Base tensor name.
+    tensor: String,
+    /// Values pushed so far.
+    kept: u64,
+    /// Values held back until they fill a block.
+    held: Vec<f32>,
+    /// Encoded bytes spilled so far.
+    bytes: usize,
 }
 
 impl PackWriter {
@@ -84,6 +100,8 @@ impl PackWriter {
             specs: Vec::new(),
             sizes: Vec::new(),
             kept: Vec::new(),
+            current: None,
+            encoded: Vec::new(),
         })
     }
 
@@ -97,43 +115,74 @@ impl PackWriter {
     }
 
     /// Adds base tensor `tensor`'s kept values (already rescaled, in element order) and, for
-    /// explicit masks, their element indices. Values are padded to whole blocks (Q8_0), and a
-    /// tensor that keeps nothing still stores one zero value (GGUF tensors are not empty).
+    /// explicit masks, their element indices: [`begin_tensor`](Self::begin_tensor),
+    /// [`push_values`](Self::push_values), [`end_tensor`](Self::end_tensor) in one call.
     pub fn add(&mut self, tensor: &str, values: &[f32], indices: Option<&[u32]>) -> Result<()> {
-        let dv = format!("{tensor}{VALUES_SUFFIX}");
-        if dv.len() > 63 {
+        self.begin_tensor(tensor)?;
+        self.push_values(values)?;
+        self.end_tensor(indices)
+    }
+
+    /// Starts base tensor `tensor`: its kept values follow in element order
+    /// ([`push_values`](Self::push_values), any number of times), then
+    /// [`end_tensor`](Self::end_tensor). A tensor's values are encoded and spilled as they
+    /// come (Q8_0 holds back less than a block), so only the caller's slab is in memory.
+    pub fn begin_tensor(&mut self, tensor: &str) -> Result<()> {
+        let name = format!("{tensor}{VALUES_SUFFIX}");
+        if name.len() > 63 {
             return Err(DeltaError::NameTooLong {
                 tensor: tensor.to_string(),
             });
         }
-        let ty = self.header.values;
-        let kept = values.len() as u64;
-        let padded = if ty == GgmlType::Q8_0 {
-            kept.div_ceil(32).max(1) * 32
-        } else {
-            kept.max(1)
+        self.current = Some(Current {
+            tensor: tensor.to_string(),
+            kept: 0,
+            held: Vec::new(),
+            bytes: 0,
+        });
+        Ok(())
+    }
+
+    /// Appends kept values (already rescaled) of the tensor begun last.
+    pub fn push_values(&mut self, values: &[f32]) -> Result<()> {
+        let Some(mut cur) = self.current.take() else {
+            return Err(self.out_of_order("values pushed outside a tensor"));
         };
-        let mut v = values.to_vec();
-        v.resize(padded as usize, 0.0);
-        let row =
-            quant::codec::row_size(ty, padded, tensor).map_err(|source| DeltaError::Tensor {
-                path: self.output.clone(),
-                source,
-            })?;
-        let mut encoded = vec![0u8; row];
-        quant::quantize(ty, &v, padded, &mut encoded, tensor).map_err(|source| {
-            DeltaError::Tensor {
-                path: self.output.clone(),
-                source,
-            }
-        })?;
-        self.spill
-            .write_all(&encoded)
-            .map_err(|e| self.spill_error(e))?;
-        self.checksum.update(&encoded);
-        self.sizes.push(encoded.len());
+        cur.kept += values.len() as u64;
+        let r = if cur.held.is_empty() && self.block() == 1 {
+            self.encode(&mut cur, values)
+        } else {
+            // Whole blocks only; the rest is held for the next values or the padding.
+            cur.held.extend_from_slice(values);
+            let whole = cur.held.len() / self.block() * self.block();
+            let held = std::mem::take(&mut cur.held);
+            let r = self.encode(&mut cur, &held[..whole]);
+            cur.held = held[whole..].to_vec();
+            r
+        };
+        self.current = Some(cur);
+        r
+    }
+
+    /// Ends the tensor begun last: pads its values to whole blocks (Q8_0) — a tensor that
+    /// keeps nothing still stores one zero value (GGUF tensors are not empty) — and, for
+    /// explicit masks, stores `indices` (one per kept value).
+    pub fn end_tensor(&mut self, indices: Option<&[u32]>) -> Result<()> {
+        let Some(mut cur) = self.current.take() else {
+            return Err(self.out_of_order("a tensor ended that was not begun"));
+        };
+        let ty = self.header.values;
+        let padded = if ty == GgmlType::Q8_0 {
+            cur.kept.div_ceil(32).max(1) * 32
+        } else {
+            cur.kept.max(1)
+        };
+        let mut tail = std::mem::take(&mut cur.held);
+        tail.resize((padded - (cur.kept - tail.len() as u64)) as usize, 0.0);
+        self.encode(&mut cur, &tail)?;
+        self.sizes.push(cur.bytes);
         self.specs.push(TensorSpec {
-            name: dv,
+            name: format!("{}{VALUES_SUFFIX}", cur.tensor),
             shape: vec![padded],
             ty,
         });
@@ -145,13 +194,62 @@ impl PackWriter {
             self.checksum.update(&bytes);
             self.sizes.push(bytes.len());
             self.specs.push(TensorSpec {
-                name: format!("{tensor}{INDICES_SUFFIX}"),
-                shape: vec![kept],
+                name: format!("{}{INDICES_SUFFIX}", cur.tensor),
+                shape: vec![cur.kept],
                 ty: GgmlType::I32,
             });
         }
-        self.kept.push(kept);
+        self.kept.push(cur.kept);
         Ok(())
+    }
+
+    /// Drops the tensor begun last, which must have kept nothing (an explicit mask's tensor
+    /// whose delta was all zero: such tensors are absent from the pack).
+    pub fn discard_tensor(&mut self) -> Result<()> {
+        match self.current.take() {
+            Some(cur) if cur.kept == 0 => Ok(()),
+            _ => Err(self.out_of_order("only a tensor that kept nothing can be discarded")),
+        }
+    }
+
+    /// Elements per block of the value type.
+    fn block(&self) -> usize {
+        self.header.values.block_size() as usize
+    }
+
+    /// Encodes `values` (whole blocks) of tensor `cur` and spills them.
+    fn encode(&mut self, cur: &mut Current, values: &[f32]) -> Result<()> {
+        if values.is_empty() {
+            return Ok(());
+        }
+        let ty = self.header.values;
+        let n = values.len() as u64;
+        let size =
+            quant::codec::row_size(ty, n, &cur.tensor).map_err(|source| DeltaError::Tensor {
+                path: self.output.clone(),
+                source,
+            })?;
+        self.encoded.resize(size, 0);
+        quant::quantize(ty, values, n, &mut self.encoded, &cur.tensor).map_err(|source| {
+            DeltaError::Tensor {
+                path: self.output.clone(),
+                source,
+            }
+        })?;
+        self.spill
+            .write_all(&self.encoded)
+            .map_err(|e| self.spill_error(e))?;
+        self.checksum.update(&self.encoded);
+        cur.bytes += size;
+        Ok(())
+    }
+
+    fn out_of_order(&self, what: &str) -> DeltaError {
+        FormatError::Write {
+            path: self.output.clone(),
+            reason: format!("pack written out of order: {what}"),
+        }
+        .into()
     }
 
     /// The kept counts of the tensors added so far.
@@ -162,6 +260,9 @@ impl PackWriter {
     /// Writes the pack (header, then the data) to a temporary file renamed onto the output;
     /// `inputs` are the files it was made from (never overwritten). Returns the pack's size.
     pub fn finish(mut self, inputs: &[&Path]) -> Result<u64> {
+        if self.current.is_some() {
+            return Err(self.out_of_order("finished inside a tensor"));
+        }
         self.spill.flush().map_err(|e| self.spill_error(e))?;
         let h = &self.header;
         let mut md = Metadata::new();

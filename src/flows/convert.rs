@@ -29,11 +29,12 @@ use crate::format::hf_names::{self, HfConfig};
 use crate::format::output::{Destination, FileFormat};
 use crate::format::safetensors::{self, ExportTensor, SafetensorsModel, SafetensorsOptions};
 use crate::format::source::ModelSource;
+use crate::format::stream::{write_behind, Parts};
 use crate::format::{nbytes, FormatError, GgmlType};
 use crate::quant::{codec, QuantError, FTYPES};
 
-/// Output bytes converted per slab when writing GGUF.
-const SLAB_BYTES: usize = 32 << 20;
+/// Output bytes converted per slab when writing GGUF (the writer thread queues a few).
+const SLAB_BYTES: usize = 4 << 20;
 
 /// Options of [`convert_model`].
 #[derive(Clone, Debug)]
@@ -268,6 +269,8 @@ fn gguf_to_safetensors(
                         source,
                     }
                 })?;
+                // Read once: the slab's pages leave the resident set.
+                model.release_bytes(bytes);
                 let elem = if export[i].ty == GgmlType::F32 { 4 } else { 2 };
                 progress.advance(buf.len() as u64 * elem);
                 Ok(())
@@ -320,6 +323,78 @@ fn output_metadata(base: &Metadata, specs: &[TensorSpec]) -> Metadata {
         }
     }
     md
+}
+
+/// Writes tensor `spec` of `model` (its first rows, for a trimmed embedding) to `parts`:
+/// mapped bytes as they are when the type stays (released once written), else converted slab
+/// by slab into buffers of the writer's pool, each slab's input released once converted.
+fn write_tensor<'m>(
+    model: &'m SafetensorsModel,
+    spec: &TensorSpec,
+    parts: &Parts<'m>,
+    progress: &dyn Progress,
+) -> Result<()> {
+    let path = model.path();
+    let bad = |reason: String| Error::BadTensor {
+        path: path.to_path_buf(),
+        tensor: spec.name.clone(),
+        reason,
+    };
+    let tensor_err = |source: QuantError| Error::Tensor {
+        path: path.to_path_buf(),
+        source,
+    };
+    let t = model
+        .tensor(&spec.name)?
+        .ok_or_else(|| bad("disappeared from the model".into()))?;
+    let ne0 = spec.shape[0];
+    let src_row = codec::row_size(t.ty, ne0, &spec.name).map_err(tensor_err)?;
+    let n_rows: u64 = spec.shape[1..].iter().product();
+    let len = src_row * n_rows as usize;
+    // Trimmed embeddings: the first rows.
+    let data: Cow<'m, [u8]> = match t.data {
+        Cow::Borrowed(b) => Cow::Borrowed(b.get(..len).ok_or_else(|| bad("too short".into()))?),
+        Cow::Owned(mut v) => {
+            v.truncate(len);
+            Cow::Owned(v)
+        }
+    };
+    // Transformed tensors were copied out of the map, whole: their raw pages go at once.
+    if let Cow::Owned(_) = data {
+        model.release(&spec.name, 0..usize::MAX);
+    }
+    if spec.ty == t.ty {
+        match data {
+            Cow::Borrowed(mapped) => {
+                for part in mapped.chunks(SLAB_BYTES) {
+                    parts.send_mapped(part)?;
+                    progress.advance(part.len() as u64);
+                }
+            }
+            Cow::Owned(bytes) => {
+                for part in bytes.chunks(SLAB_BYTES) {
+                    let mut buf = parts.buffer(part.len());
+                    buf.copy_from_slice(part);
+                    parts.send(buf)?;
+                    progress.advance(part.len() as u64);
+                }
+            }
+        }
+        return Ok(());
+    }
+    let dst_row = codec::row_size(spec.ty, ne0, &spec.name).map_err(tensor_err)?;
+    let rows = (SLAB_BYTES / dst_row.max(src_row).max(1)).max(1);
+    for slab in data.chunks(rows * src_row.max(1)) {
+        let mut out = parts.buffer(slab.len() / src_row.max(1) * dst_row);
+        codec::convert(t.ty, slab, spec.ty, &mut out, ne0, &spec.name).map_err(tensor_err)?;
+        if let Cow::Borrowed(_) = data {
+            model.release_bytes(slab);
+        }
+        let len = out.len();
+        parts.send(out)?;
+        progress.advance(len as u64);
+    }
+    Ok(())
 }
 
 fn safetensors_to_gguf(
@@ -429,43 +504,16 @@ fn safetensors_to_gguf(
 
     progress.start(total);
     let n = specs.len();
-    let result = with_threads(opts.threads, || -> Result<_> {
-        for (i, spec) in specs.iter().enumerate() {
-            progress.tensor(&spec.name, i, n);
-            let t = model
-                .tensor(&spec.name)?
-                .ok_or_else(|| bad(&spec.name, "disappeared from the model".into()))?;
-            let ne0 = spec.shape[0];
-            let src_row = codec::row_size(t.ty, ne0, &spec.name).map_err(tensor_err)?;
-            let n_rows: u64 = spec.shape[1..].iter().product();
-            let data: Cow<'_, [u8]> = match t.data {
-                // Trimmed embeddings: the first rows.
-                Cow::Borrowed(b) => Cow::Borrowed(&b[..src_row * n_rows as usize]),
-                Cow::Owned(mut v) => {
-                    v.truncate(src_row * n_rows as usize);
-                    Cow::Owned(v)
-                }
-            };
-            if spec.ty == t.ty {
-                for part in data.chunks(SLAB_BYTES) {
-                    writer.write_part(part)?;
-                    progress.advance(part.len() as u64);
-                }
-            } else {
-                let dst_row = codec::row_size(spec.ty, ne0, &spec.name).map_err(tensor_err)?;
-                let rows = (SLAB_BYTES / dst_row.max(src_row).max(1)).max(1);
-                let mut out = Vec::new();
-                for slab in data.chunks(rows * src_row.max(1)) {
-                    out.resize(slab.len() / src_row.max(1) * dst_row, 0);
-                    codec::convert(t.ty, slab, spec.ty, &mut out, ne0, &spec.name)
-                        .map_err(tensor_err)?;
-                    writer.write_part(&out)?;
-                    progress.advance(out.len() as u64);
-                }
+    let release = |part: &[u8]| model.release_bytes(part);
+    let result = with_threads(opts.threads, || -> Result<()> {
+        write_behind(&mut writer, &release, |parts| -> Result<()> {
+            for (i, spec) in specs.iter().enumerate() {
+                progress.tensor(&spec.name, i, n);
+                write_tensor(&model, spec, parts, progress)?;
+                parts.end_tensor()?;
             }
-            writer.end_tensor()?;
-        }
-        Ok(())
+            Ok(())
+        })
     });
     progress.finish();
     result?;

@@ -1,5 +1,11 @@
 //! `quantize`: rewrite a GGUF model with another type or llama.cpp mixture, streaming tensor by
 //! tensor (slab by slab of rows), in parallel, byte-identical to what ggml produces.
+//!
+//! Memory stays flat as models grow: the input is memory-mapped and each slab's input pages
+//! leave the process's resident set once converted (bytes copied as they are, once written),
+//! and a writer thread ([`crate::format::stream`]) writes finished slabs, reusing their
+//! buffers, while the next ones are converted. Consecutive small tensors are converted
+//! together, so that a tensor of a few parallel tasks does not leave cores idle.
 
 use std::path::Path;
 use std::time::Instant;
@@ -9,15 +15,18 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::flows::progress::{with_threads, Progress};
 use crate::format::gguf::{
-    GgufModel, GgufWriter, Metadata, TensorSpec, Value, KEY_SPLIT_COUNT, KEY_SPLIT_NO,
+    GgufModel, GgufWriter, Metadata, TensorRef, TensorSpec, Value, KEY_SPLIT_COUNT, KEY_SPLIT_NO,
     KEY_SPLIT_TENSORS_COUNT,
 };
+use crate::format::stream::{write_behind, Parts};
 use crate::format::{nbytes, GgmlType};
 use crate::quant::{codec, ggml, plan_types, ModelFacts, PlanInput, QuantError, Target};
 
-/// Output bytes converted per slab: bounds memory to one slab of output plus small per-thread
-/// f32 buffers, whatever the tensor size.
-const SLAB_BYTES: u64 = 32 << 20;
+/// Output bytes converted per slab, at least (see [`slab_bytes`]).
+const SLAB_BYTES: usize = 4 << 20;
+
+/// Output bytes converted per slab, at most.
+const MAX_SLAB_BYTES: usize = 32 << 20;
 
 /// Options of [`quantize_model`].
 #[derive(Clone, Debug)]
@@ -121,6 +130,7 @@ pub fn quantize_model(
 
     // Check every conversion before creating the output, so a bad request leaves nothing.
     let mut specs = Vec::with_capacity(plan.len());
+    let mut sizes = Vec::with_capacity(plan.len());
     let mut total = 0u64;
     for (t, &to) in model.tensors().zip(&plan) {
         let i = t.info;
@@ -128,11 +138,13 @@ pub fn quantize_model(
             codec::check_dequantize(i.ty, &i.name).map_err(tensor_err)?;
             codec::check_quantize(to, i.row_len(), &i.name).map_err(tensor_err)?;
         }
-        total += nbytes(&i.shape, to).map_err(|e| Error::BadTensor {
+        let size = nbytes(&i.shape, to).map_err(|e| Error::BadTensor {
             path: input.to_path_buf(),
             tensor: i.name.clone(),
             reason: format!("{to}: {e}"),
         })?;
+        total += size;
+        sizes.push(size);
         specs.push(TensorSpec {
             name: i.name.clone(),
             shape: i.shape.clone(),
@@ -145,49 +157,70 @@ pub fn quantize_model(
     let md = output_metadata(model.metadata(), opts.target);
     let mut writer = GgufWriter::create(output, version, &md, &specs, &inputs)?;
 
+    let slab = slab_bytes(crate::threads::clamp(opts.threads));
+    let release = |part: &[u8]| model.release_bytes(part);
+    let job = Job {
+        model: &model,
+        input,
+        sizes: &sizes,
+        slab,
+    };
     progress.start(total);
     let n = model.n_tensors();
-    let result = with_threads(opts.threads, || -> Result<_> {
-        let mut outcomes = Vec::with_capacity(n);
-        let mut requantized = 0;
-        for (idx, (t, &to)) in model.tensors().zip(&plan).enumerate() {
-            let i = t.info;
-            progress.tensor(&i.name, idx, n);
-            if to == i.ty {
-                for part in t.data.chunks(SLAB_BYTES as usize) {
-                    writer.write_part(part)?;
-                    progress.advance(part.len() as u64);
+    let result = with_threads(opts.threads, || -> Result<()> {
+        write_behind(&mut writer, &release, |parts| -> Result<()> {
+            for window in tensor_windows(&sizes, slab as u64) {
+                if window.len() == 1 {
+                    // Streamed slab by slab (a large tensor, or one alone).
+                    let idx = window.start;
+                    progress.tensor(&model.tensor(idx).info.name, idx, n);
+                    job.stream_tensor(parts, idx, plan[idx], progress)?;
+                    parts.end_tensor()?;
+                    continue;
                 }
-            } else {
-                if i.ty.is_quantized() {
-                    requantized += 1;
+                // Small tensors, converted together (one alone is a few parallel tasks at
+                // most); sent in order, the first error in order.
+                let converted: Vec<Result<Whole<'_>>> = window
+                    .clone()
+                    .into_par_iter()
+                    .map(|idx| job.whole_tensor(parts, idx, plan[idx]))
+                    .collect();
+                for (idx, whole) in window.zip(converted) {
+                    progress.tensor(&model.tensor(idx).info.name, idx, n);
+                    let len = match whole? {
+                        Whole::Mapped(bytes) => {
+                            parts.send_mapped(bytes)?;
+                            bytes.len()
+                        }
+                        Whole::Owned(buf) => {
+                            let len = buf.len();
+                            parts.send(buf)?;
+                            len
+                        }
+                    };
+                    progress.advance(len as u64);
+                    parts.end_tensor()?;
                 }
-                convert_tensor(
-                    &mut writer,
-                    t.data,
-                    i.ty,
-                    to,
-                    i.row_len(),
-                    &i.name,
-                    progress,
-                )
-                .map_err(|e| match e {
-                    ConvertError::Quant(q) => tensor_err(q),
-                    ConvertError::Other(e) => e,
-                })?;
             }
-            writer.end_tensor()?;
-            outcomes.push(TensorOutcome {
-                name: i.name.clone(),
-                from: i.ty,
-                to,
-            });
-        }
-        Ok((outcomes, requantized))
+            Ok(())
+        })
     });
     progress.finish();
-    let (tensors, requantized) = result?;
+    result?;
     let output_bytes = writer.finish()?;
+    let tensors: Vec<TensorOutcome> = model
+        .tensors()
+        .zip(&plan)
+        .map(|(t, &to)| TensorOutcome {
+            name: t.info.name.clone(),
+            from: t.info.ty,
+            to,
+        })
+        .collect();
+    let requantized = tensors
+        .iter()
+        .filter(|t| t.from != t.to && t.from.is_quantized())
+        .count();
     Ok(QuantizeReport {
         input_bytes: model.file_size(),
         output_bytes,
@@ -197,42 +230,122 @@ pub fn quantize_model(
     })
 }
 
-enum ConvertError {
-    Quant(QuantError),
-    Other(Error),
+/// Output bytes per slab: at least [`SLAB_BYTES`], more with many threads (a slab is split into
+/// parallel tasks of 64 Ki elements, and every thread needs several), at most
+/// [`MAX_SLAB_BYTES`]. Memory is about `QUEUED_PARTS + 2` slabs, whatever the model's size.
+fn slab_bytes(threads: usize) -> usize {
+    threads
+        .saturating_mul(512 << 10)
+        .clamp(SLAB_BYTES, MAX_SLAB_BYTES)
 }
 
-/// Converts one tensor slab by slab and streams it to the writer.
-fn convert_tensor(
-    writer: &mut GgufWriter,
-    src: &[u8],
-    from: GgmlType,
-    to: GgmlType,
-    n_per_row: u64,
-    name: &str,
-    progress: &dyn Progress,
-) -> std::result::Result<(), ConvertError> {
-    let src_row = codec::row_size(from, n_per_row, name).map_err(ConvertError::Quant)?;
-    let dst_row = codec::row_size(to, n_per_row, name).map_err(ConvertError::Quant)?;
-    let rows_per_slab = (SLAB_BYTES as usize / dst_row.max(src_row)).max(1);
-    let mut out = Vec::new();
-    for slab in src.chunks(rows_per_slab * src_row) {
-        let rows = slab.len() / src_row;
-        out.resize(rows * dst_row, 0);
-        codec::convert(from, slab, to, &mut out, n_per_row, name).map_err(ConvertError::Quant)?;
-        if !valid_rows(to, &out, dst_row) {
-            return Err(ConvertError::Quant(QuantError::CannotQuantize {
-                tensor: name.into(),
+/// The tensors in order, grouped into windows of consecutive tensors whose outputs add up to
+/// at most `max` bytes; a larger tensor is a window of its own.
+fn tensor_windows(sizes: &[u64], max: u64) -> Vec<std::ops::Range<usize>> {
+    let mut windows = Vec::new();
+    let (mut start, mut bytes) = (0, 0u64);
+    for (i, &size) in sizes.iter().enumerate() {
+        if i > start && bytes.saturating_add(size) > max {
+            windows.push(start..i);
+            start = i;
+            bytes = 0;
+        }
+        bytes = bytes.saturating_add(size);
+    }
+    if start < sizes.len() {
+        windows.push(start..sizes.len());
+    }
+    windows
+}
+
+/// A whole small tensor's output.
+enum Whole<'a> {
+    /// Its input bytes, unchanged.
+    Mapped(&'a [u8]),
+    /// Converted.
+    Owned(Vec<u8>),
+}
+
+/// What converting one tensor needs.
+struct Job<'m> {
+    model: &'m GgufModel,
+    input: &'m Path,
+    /// Output bytes of each tensor (checked).
+    sizes: &'m [u64],
+    /// Output bytes per slab.
+    slab: usize,
+}
+
+impl<'m> Job<'m> {
+    fn tensor_err(&self, source: QuantError) -> Error {
+        Error::Tensor {
+            path: self.input.to_path_buf(),
+            source,
+        }
+    }
+
+    /// Converts `src` (whole rows of tensor `t`) into `out`, checks the result with ggml, and
+    /// releases `src` from the resident set.
+    fn convert(&self, t: TensorRef<'m>, to: GgmlType, src: &[u8], out: &mut [u8]) -> Result<()> {
+        let i = t.info;
+        codec::convert(i.ty, src, to, out, i.row_len(), &i.name).map_err(|e| self.tensor_err(e))?;
+        let dst_row = codec::row_size(to, i.row_len(), &i.name).map_err(|e| self.tensor_err(e))?;
+        if !valid_rows(to, out, dst_row) {
+            return Err(self.tensor_err(QuantError::CannotQuantize {
+                tensor: i.name.clone(),
                 ty: to,
                 reason: "ggml_validate_row_data rejected the quantized data".into(),
             }));
         }
-        writer
-            .write_part(&out)
-            .map_err(|e| ConvertError::Other(e.into()))?;
-        progress.advance(out.len() as u64);
+        self.model.release_bytes(src);
+        Ok(())
     }
-    Ok(())
+
+    /// Tensor `idx` as `to`, slab by slab, to the writer: its bytes as they are when the type
+    /// stays, else converted rows, each slab's input released once converted.
+    fn stream_tensor(
+        &self,
+        parts: &Parts<'m>,
+        idx: usize,
+        to: GgmlType,
+        progress: &dyn Progress,
+    ) -> Result<()> {
+        let t = self.model.tensor(idx);
+        let i = t.info;
+        if to == i.ty {
+            for part in t.data.chunks(self.slab) {
+                parts.send_mapped(part)?;
+                progress.advance(part.len() as u64);
+            }
+            return Ok(());
+        }
+        let src_row =
+            codec::row_size(i.ty, i.row_len(), &i.name).map_err(|e| self.tensor_err(e))?;
+        let dst_row = codec::row_size(to, i.row_len(), &i.name).map_err(|e| self.tensor_err(e))?;
+        // A slab of output, and at most 4 of input (F32 → Q4_K is 7× smaller).
+        let rows = (self.slab / dst_row.max(1))
+            .min(4 * self.slab / src_row.max(1))
+            .max(1);
+        for src in t.data.chunks(rows * src_row) {
+            let mut out = parts.buffer(src.len() / src_row.max(1) * dst_row);
+            self.convert(t, to, src, &mut out)?;
+            let len = out.len();
+            parts.send(out)?;
+            progress.advance(len as u64);
+        }
+        Ok(())
+    }
+
+    /// Tensor `idx` as `to`, whole (a small one).
+    fn whole_tensor(&self, parts: &Parts<'m>, idx: usize, to: GgmlType) -> Result<Whole<'m>> {
+        let t = self.model.tensor(idx);
+        if to == t.info.ty {
+            return Ok(Whole::Mapped(t.data));
+        }
+        let mut out = parts.buffer(self.sizes[idx] as usize);
+        self.convert(t, to, t.data, &mut out)?;
+        Ok(Whole::Owned(out))
+    }
 }
 
 /// `ggml_validate_row_data` over a slab, in parallel by rows.

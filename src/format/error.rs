@@ -181,6 +181,9 @@ pub enum FormatError {
         /// What changed.
         detail: String,
     },
+    /// The thread writing an output stopped (its own error, if any, is reported instead).
+    #[error("the output writer stopped")]
+    WriterStopped,
     /// A `config.json` or `model.safetensors.index.json` is invalid or names an unsupported
     /// architecture.
     #[error("{}: {reason}", path.display())]

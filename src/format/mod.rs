@@ -7,6 +7,7 @@
 //!   sources, and a streaming writer.
 //! - [`source`] — [`source::ModelSource`], a model as merge input (GGUF or other formats).
 //! - [`output`] — temporary-file-then-rename outputs that refuse to overwrite inputs.
+//! - [`stream`] — a writer thread that writes an output's parts while the next are computed.
 //! - [`error`] — [`FormatError`], one variant per failed check.
 //!
 //! Nothing here depends on a higher layer (quant, merge, …).
@@ -19,6 +20,7 @@ mod mmap;
 pub mod output;
 pub mod safetensors;
 pub mod source;
+pub mod stream;
 
 pub use error::FormatError;
 pub use ggml_type::{nbytes, GgmlType};

@@ -111,6 +111,12 @@ impl GgufFile {
         let end = part.end.min(data.len());
         self.map.release(&data[part.start.min(end)..end]);
     }
+    /// Drops the pages under `part`, a slice of this file's bytes (a tensor's data or part of
+    /// it), from the process's resident set until they are read again; a slice of anything
+    /// else is ignored (see `MappedFile::release`).
+    pub fn release_bytes(&self, part: &[u8]) {
+        self.map.release(part);
+    }
 }
 
 /// A tensor of a [`GgufModel`]: its info and its bytes.
@@ -284,6 +290,14 @@ impl GgufModel {
         if let Some(&i) = self.by_name.get(name) {
             let (s, t) = self.order[i];
             self.shards[s].release_tensor(t, part);
+        }
+    }
+    /// Drops the pages under `part`, a slice of the data of any of the model's tensors, from
+    /// the process's resident set until they are read again (slices of anything else are
+    /// ignored): what a streaming reader calls on the bytes it is done with.
+    pub fn release_bytes(&self, part: &[u8]) {
+        for s in &self.shards {
+            s.release_bytes(part);
         }
     }
     /// Number of parameters (elements over all tensors).

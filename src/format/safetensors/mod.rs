@@ -47,8 +47,8 @@ pub const SINGLE_FILE: &str = "model.safetensors";
 pub const CONFIG_FILE: &str = "config.json";
 /// The largest header the `safetensors` crate accepts (100 MB).
 pub(crate) const MAX_HEADER: u64 = 100_000_000;
-/// Elements per slab when writing (32 MiB of f32).
-pub(crate) const SLAB_ELEMS: u64 = 8 << 20;
+/// Elements per slab when writing (4 MiB of f32; the writer thread queues a few encoded ones).
+pub(crate) const SLAB_ELEMS: u64 = 1 << 20;
 /// Most dimensions a GGUF tensor may have.
 pub(crate) const MAX_DIMS: usize = 4;
 

@@ -622,6 +622,15 @@ impl SafetensorsModel {
             .map(|&i| self.entries[i].hf.as_str())
     }
 
+    /// Drops the pages under `part`, a slice of the bytes of any of the model's files (a
+    /// tensor's data as [`ModelSource::tensor`] lends it, when untransformed), from the
+    /// process's resident set until they are read again; slices of anything else are ignored.
+    pub fn release_bytes(&self, part: &[u8]) {
+        for f in &self.files {
+            f.map.release(part);
+        }
+    }
+
     /// The dtype stored in the file for GGUF tensor `gguf_name` (before any transform).
     pub fn stored_type(&self, gguf_name: &str) -> Option<GgmlType> {
         self.by_name.get(gguf_name).map(|&i| self.entries[i].src_ty)

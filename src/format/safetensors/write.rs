@@ -10,6 +10,7 @@ use safetensors::tensor::{Metadata as StMetadata, TensorInfo as StInfo};
 use crate::format::error::{FormatError, Result};
 use crate::format::hf_names::{self, Direction, HfConfig, Transform};
 use crate::format::output::OutputFile;
+use crate::format::stream::write_behind;
 
 use crate::format::{nbytes, GgmlType};
 
@@ -330,11 +331,12 @@ pub(super) fn encode(
 /// of llama.cpp's transform (llama q/k rows un-permuted with `config`'s head counts, Gemma norms
 /// `- 1`). Values come from `fill(i, first, buf)`: fill `buf` with elements
 /// `first..first + buf.len()` of tensor `i` as f32 in GGUF layout and meaning. Slabs are whole
-/// rows (whole heads for permuted tensors, the whole tensor for 1-D ones), at most ~32 MiB of
-/// f32, requested in order.
+/// rows (whole heads for permuted tensors, the whole tensor for 1-D ones), about 4 MiB of f32
+/// (more when one row or head is larger), requested in order.
 ///
-/// Every file is written to a temporary file and renamed only when all are complete; the index
-/// is renamed last.
+/// Encoded slabs are written by a writer thread ([`crate::format::stream`]) while the next
+/// ones are filled. Every file is written to a temporary file and renamed only when all are
+/// complete; the index is renamed last.
 pub fn write_safetensors<E: From<FormatError>>(
     path: &Path,
     config: &HfConfig,
@@ -429,7 +431,6 @@ pub fn write_safetensors<E: From<FormatError>>(
     let mut pending = Vec::with_capacity(files.len() + 1);
     let mut buf: Vec<f32> = Vec::new();
     let mut tmp: Vec<f32> = Vec::new();
-    let mut bytes: Vec<u8> = Vec::new();
     for (range, file) in shards.iter().zip(&files) {
         let specs: Vec<StTensorSpec> = plan[range.clone()].iter().map(|p| p.spec.clone()).collect();
         let mut w = if file == path && opts.path_is_named {
@@ -437,53 +438,58 @@ pub fn write_safetensors<E: From<FormatError>>(
         } else {
             SafetensorsWriter::create_beside(file, &specs, &opts.metadata, inputs, opts.overwrite)?
         };
-        for i in range.clone() {
-            let p = &plan[i];
-            let shape = &tensors[i].shape;
-            let rows = *shape.last().unwrap_or(&1);
-            let inner: u64 = shape[..shape.len() - 1].iter().product();
-            let mut slab_rows = if shape.len() == 1 {
-                rows
-            } else {
-                (SLAB_ELEMS / inner.max(1)).clamp(1, rows)
-            };
-            // Permuted tensors: whole heads per slab.
-            if let Some(heads) = slab_rows.checked_div(p.head_dim) {
-                slab_rows = heads.max(1) * p.head_dim;
-            }
-            let mut row = 0;
-            while row < rows {
-                let n = slab_rows.min(rows - row);
-                buf.resize((n * inner) as usize, 0.0);
-                fill(i, row * inner, &mut buf)?;
-                match p.transform {
-                    Transform::AddOne => buf.iter_mut().for_each(|x| *x -= 1.0),
-                    Transform::PermuteQ | Transform::PermuteK => {
-                        tmp.resize(buf.len(), 0.0);
-                        hf_names::permute_rows(
-                            bytemuck::cast_slice(&buf),
-                            bytemuck::cast_slice_mut(&mut tmp),
-                            inner as usize * 4,
-                            p.head_dim,
-                            Direction::GgufToHf,
-                        );
-                        std::mem::swap(&mut buf, &mut tmp);
-                    }
-                    Transform::None => {}
+        // Encoded slabs are written by a thread of their own while the next are filled.
+        write_behind(&mut w, &|_| {}, |parts| -> std::result::Result<(), E> {
+            for i in range.clone() {
+                let p = &plan[i];
+                let shape = &tensors[i].shape;
+                let rows = *shape.last().unwrap_or(&1);
+                let inner: u64 = shape[..shape.len() - 1].iter().product();
+                let mut slab_rows = if shape.len() == 1 {
+                    rows
+                } else {
+                    (SLAB_ELEMS / inner.max(1)).clamp(1, rows)
+                };
+                // Permuted tensors: whole heads per slab.
+                if let Some(heads) = slab_rows.checked_div(p.head_dim) {
+                    slab_rows = heads.max(1) * p.head_dim;
                 }
-                encode(p.spec.ty, &buf, &mut bytes).map_err(|(k, x)| {
-                    werr(format!(
+                let mut row = 0;
+                while row < rows {
+                    let n = slab_rows.min(rows - row);
+                    buf.resize((n * inner) as usize, 0.0);
+                    fill(i, row * inner, &mut buf)?;
+                    match p.transform {
+                        Transform::AddOne => buf.iter_mut().for_each(|x| *x -= 1.0),
+                        Transform::PermuteQ | Transform::PermuteK => {
+                            tmp.resize(buf.len(), 0.0);
+                            hf_names::permute_rows(
+                                bytemuck::cast_slice(&buf),
+                                bytemuck::cast_slice_mut(&mut tmp),
+                                inner as usize * 4,
+                                p.head_dim,
+                                Direction::GgufToHf,
+                            );
+                            std::mem::swap(&mut buf, &mut tmp);
+                        }
+                        Transform::None => {}
+                    }
+                    let mut bytes = parts.buffer(0);
+                    encode(p.spec.ty, &buf, &mut bytes).map_err(|(k, x)| {
+                        werr(format!(
                         "tensor {:?}: element {} is {x}, which {} cannot hold; write F32 or BF16",
                         tensors[i].name,
                         row * inner + k as u64,
                         p.spec.ty
                     ))
-                })?;
-                w.write_part(&bytes)?;
-                row += n;
+                    })?;
+                    parts.send(bytes)?;
+                    row += n;
+                }
+                parts.end_tensor()?;
             }
-            w.end_tensor()?;
-        }
+            Ok(())
+        })?;
         pending.push(w.close()?);
     }
     if let Some(ix) = &index_path {
