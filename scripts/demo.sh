@@ -98,7 +98,12 @@ for _ in $(seq 120); do
   sleep 0.5
 done
 echo "server: $url"
-curl -s "$url/v1/models" | python3 -c 'import json,sys; [print(" ", m["id"], m.get("ggmerge", {}).get("mixture")) for m in json.load(sys.stdin)["data"]]'
+echo "GET /v1/models:"
+curl -s "$url/v1/models" | python3 -c 'import json,sys
+for m in json.load(sys.stdin)["data"]:
+    mixture = ", ".join(f"{k}={v:g}" for k, v in m["mixture"].items()) or "the base alone"
+    name = m["id"]
+    print(f"  {name:<11} {mixture}")'
 ask() { # model question [experts-json]: one chat request, its mixture, switch and answer
   local body
   body=$(python3 -c 'import json,sys; b={"model": sys.argv[1], "messages": [{"role": "user", "content": sys.argv[2]}], "max_tokens": 12, "temperature": 0}
