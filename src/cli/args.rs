@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use anyhow::bail;
 use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
 use clap::{Args, Parser, Subcommand};
 
@@ -11,6 +12,7 @@ use ggmerge::format::ggml_type::{QuantizeSupport, TYPES};
 use ggmerge::format::GgmlType;
 use ggmerge::merge::method::{Method, Rescale, Sparsifier};
 use ggmerge::quant::{Requant, FTYPES};
+use ggmerge::runtime::{backend, ModelOptions};
 
 /// A parser accepting `methods` by their mergekit names.
 fn methods(methods: &'static [Method]) -> impl TypedValueParser<Value = Method> {
@@ -204,7 +206,7 @@ pub enum Command {
     // Help text on the struct, in cli/finetune.rs.
     Finetune(super::finetune::FinetuneArgs),
     // Help text on the struct, in cli/serve.rs.
-    Serve(super::serve::ServeArgs),
+    Serve(ServeArgs),
 }
 
 #[derive(Args, Debug, Clone)]
@@ -256,6 +258,24 @@ pub struct GpuArgs {
     /// The GPU that holds the model when several are present (llama.cpp's --main-gpu).
     #[arg(long, default_value_t = 0)]
     pub main_gpu: i32,
+}
+
+impl GpuArgs {
+    /// The model options of `-ngl` / `--main-gpu`; warns, as llama.cpp does, when the build
+    /// cannot offload.
+    pub fn model_options(&self) -> ModelOptions {
+        if self.gpu_layers != 0 && !backend::gpu_offload_supported() {
+            eprintln!(
+                "warning: no usable GPU found, --n-gpu-layers is ignored (this build of ggmerge \
+                 has no GPU backend: build with --features cuda, vulkan, metal or rocm)"
+            );
+        }
+        ModelOptions {
+            gpu_layers: self.gpu_layers,
+            main_gpu: self.main_gpu,
+            ..Default::default()
+        }
+    }
 }
 
 /// `-ngl`'s value: a number of layers ≥ -1, or `all` (-1: every layer and the output).
@@ -561,4 +581,99 @@ pub struct QuantizeArgs {
 fn parse_format(s: &str) -> Result<ggmerge::format::output::FileFormat, String> {
     ggmerge::format::output::FileFormat::from_name(s)
         .ok_or_else(|| format!("{s:?} is not a format: gguf or safetensors"))
+}
+
+/// `PATH:WEIGHT` → (PATH, WEIGHT); a suffix that is not a number is part of the path.
+pub fn parse_expert(s: &str) -> anyhow::Result<(String, f64)> {
+    if let Some((path, w)) = s.rsplit_once(':') {
+        if let Ok(w) = w.parse::<f64>() {
+            if !ggmerge::merge::config::number_fits_f32(w) {
+                bail!(
+                    "weight {w:?} of expert {path:?} is not a finite number of at most 3.4e38 in \
+                     magnitude"
+                );
+            }
+            return Ok((path.to_string(), w));
+        }
+        if w.chars().all(|c| c.is_ascii_digit() || ".-+eE".contains(c)) && !w.is_empty() {
+            bail!("weight {w:?} of expert {path:?} is not a number");
+        }
+    }
+    Ok((s.to_string(), 1.0))
+}
+
+/// Serve the base and its experts over the OpenAI API (chat and text completions, streaming),
+/// with the expert mixture chosen per request.
+///
+/// Every request picks its mixture: through `model` — `base`, an expert's name (that expert
+/// alone at weight 1) or a preset (GET /v1/models lists them) — or, overriding it, an
+/// `experts` field ({"math": 0.6, "code": 0.4}; with the openai Python package:
+/// extra_body={"experts": …}), optionally with `merge_method`. Switching is done in memory and
+/// recent mixtures are cached; queued requests for the loaded mixture go first, but a request
+/// is passed over at most 4 times. A prompt that starts like the previous request's (a
+/// follow-up chat turn) reuses its computed prefix — only under the same mixture.
+///
+/// Endpoints: /v1/models, /v1/chat/completions, /v1/completions, GET/POST /experts,
+/// DELETE /experts/NAME, /health, /metrics (Prometheus), and a chat page at /.
+///
+/// Examples:
+///   ggmerge serve --base base.gguf --expert math=math.dpk.gguf --expert code.dpk.gguf
+///       --preset coder=math:0.3,code:0.7 --port 8080
+///   curl localhost:8080/v1/chat/completions -H 'Content-Type: application/json'
+///       -d '{"model": "coder", "messages": [{"role": "user", "content": "Hi"}]}'
+#[derive(Args, Debug)]
+#[command(verbatim_doc_comment)]
+pub struct ServeArgs {
+    /// The base model (GGUF).
+    #[arg(long)]
+    pub base: PathBuf,
+    /// An expert pack: NAME=PATH, or PATH (named after its file: math.dpk.gguf → math).
+    /// Repeat for each.
+    #[arg(long = "expert")]
+    pub experts: Vec<String>,
+    /// A named mixture listed as a model: NAME=EXPERT:WEIGHT,EXPERT:WEIGHT… Repeat for each.
+    #[arg(long = "preset")]
+    pub presets: Vec<String>,
+    /// How expert deltas combine unless a request says (merge_method).
+    #[arg(long, default_value = "task_arithmetic", value_parser = pack_methods())]
+    pub method: Method,
+    /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
+    #[arg(long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Port (0: any free port; the address is printed).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Context size in tokens (0: the model's training context).
+    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
+    pub ctx: u32,
+    /// Threads for generation (default: all cores).
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    /// Memory for cached mixtures, MiB (switching back to a cached mixture is a copy).
+    #[arg(long, default_value_t = 1024)]
+    pub cache_mib: u64,
+    /// Require `Authorization: Bearer KEY` on the API (also from GGMERGE_API_KEY).
+    #[arg(long, env = "GGMERGE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Directory POST /experts may load packs from (by file name only).
+    #[arg(long)]
+    pub expert_dir: Option<PathBuf>,
+    #[command(flatten)]
+    pub gpu: GpuArgs,
+    /// Most requests waiting (more get 503 queue_full).
+    #[arg(long, default_value_t = 64)]
+    pub queue: usize,
+    /// Largest request body, KiB (larger get 413).
+    #[arg(long, default_value_t = 1024)]
+    pub max_body_kib: usize,
+    /// Request order: mixture-first (the loaded mixture's requests first, within a bound) or
+    /// fifo.
+    #[arg(long, default_value = "mixture-first", value_parser = ["mixture-first", "fifo"])]
+    pub schedule: String,
+    /// Decode every prompt whole (no reuse of a previous request's prefix).
+    #[arg(long)]
+    pub no_prompt_cache: bool,
+    #[arg(long, help = REQUANT_HELP, default_value = Requant::DEFAULT.name(),
+          value_parser = requants(), ignore_case = true)]
+    pub requant: Requant,
 }

@@ -6,7 +6,7 @@ use clap::ArgMatches;
 use ggmerge::merge::config::{ConfigSource, MergeConfig, ModelEntry, ParamValue, Params};
 use ggmerge::{merge_models, MergeOptions};
 
-use super::args::MergeArgs;
+use super::args::{parse_expert, MergeArgs};
 use super::{bars, print};
 
 /// For each occurrence of a per-model option, the index of the `--model` it follows (`None`
@@ -98,25 +98,6 @@ pub fn run(a: &MergeArgs, m: &ArgMatches) -> anyhow::Result<()> {
         .with_context(|| format!("merging into {}", a.output.display()))?;
     print::merge_report(&report, config.method.name());
     Ok(())
-}
-
-/// `PATH:WEIGHT` → (PATH, WEIGHT); a suffix that is not a number is part of the path.
-pub fn parse_expert(s: &str) -> anyhow::Result<(String, f64)> {
-    if let Some((path, w)) = s.rsplit_once(':') {
-        if let Ok(w) = w.parse::<f64>() {
-            if !ggmerge::merge::config::number_fits_f32(w) {
-                bail!(
-                    "weight {w:?} of expert {path:?} is not a finite number of at most 3.4e38 in \
-                     magnitude"
-                );
-            }
-            return Ok((path.to_string(), w));
-        }
-        if w.chars().all(|c| c.is_ascii_digit() || ".-+eE".contains(c)) && !w.is_empty() {
-            bail!("weight {w:?} of expert {path:?} is not a number");
-        }
-    }
-    Ok((s.to_string(), 1.0))
 }
 
 pub fn apply(a: &super::args::ApplyArgs) -> anyhow::Result<()> {

@@ -5,12 +5,9 @@ use std::io::BufRead;
 use anyhow::{bail, Context};
 
 use ggmerge::merge::method::Method;
-use ggmerge::runtime::{
-    backend, Expert, ExpertSession, GenerateOptions, Model, ModelOptions, SessionOptions,
-};
+use ggmerge::runtime::{backend, Expert, ExpertSession, GenerateOptions, Model, SessionOptions};
 
-use super::args::{ChatArgs, EvalArgs, ExpertArgs, GpuArgs, PerplexityArgs, RunArgs};
-use super::merge::parse_expert;
+use super::args::{parse_expert, ChatArgs, EvalArgs, ExpertArgs, PerplexityArgs, RunArgs};
 use super::{outln, stdout_bytes};
 
 /// The session options of the command line, checked.
@@ -53,7 +50,7 @@ fn load(a: &ExpertArgs) -> anyhow::Result<(Model, Vec<Expert>, Vec<f64>, Method)
     }
     let started = std::time::Instant::now();
     // Weight discovery runs on one thread (ModelOptions' default); -t is for decoding.
-    let model = Model::load(&a.base, &model_options(&a.gpu))?;
+    let model = Model::load(&a.base, &a.gpu.model_options())?;
     eprintln!(
         "loaded {} in {:.2} s",
         a.base.display(),
@@ -63,22 +60,6 @@ fn load(a: &ExpertArgs) -> anyhow::Result<(Model, Vec<Expert>, Vec<f64>, Method)
         print_placement(&model)?;
     }
     Ok((model, experts, weights, method))
-}
-
-/// The model options of `-ngl` / `--main-gpu`; warns, as llama.cpp does, when the build
-/// cannot offload.
-pub(super) fn model_options(gpu: &GpuArgs) -> ModelOptions {
-    if gpu.gpu_layers != 0 && !backend::gpu_offload_supported() {
-        eprintln!(
-            "warning: no usable GPU found, --n-gpu-layers is ignored (this build of ggmerge \
-             has no GPU backend: build with --features cuda, vulkan, metal or rocm)"
-        );
-    }
-    ModelOptions {
-        gpu_layers: gpu.gpu_layers,
-        main_gpu: gpu.main_gpu,
-        ..Default::default()
-    }
 }
 
 /// `-v`: the devices and, per layer, the buffers holding its weights (stderr).

@@ -1,92 +1,15 @@
-//! `ggmerge serve`: its arguments and the call to [`ggmerge::serve::serve`].
+//! `ggmerge serve`: from its arguments ([`ServeArgs`]) to [`ggmerge::serve::serve`].
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
-use clap::Args;
 
-use ggmerge::merge::method::Method;
-use ggmerge::quant::Requant;
 use ggmerge::runtime::{Expert, SessionOptions};
 use ggmerge::serve::worker::Scheduling;
 use ggmerge::serve::{serve, ServeOptions};
 
-/// Serve the base and its experts over the OpenAI API (chat and text completions, streaming),
-/// with the expert mixture chosen per request.
-///
-/// Every request picks its mixture: through `model` — `base`, an expert's name (that expert
-/// alone at weight 1) or a preset (GET /v1/models lists them) — or, overriding it, an
-/// `experts` field ({"math": 0.6, "code": 0.4}; with the openai Python package:
-/// extra_body={"experts": …}), optionally with `merge_method`. Switching is done in memory and
-/// recent mixtures are cached; queued requests for the loaded mixture go first, but a request
-/// is passed over at most 4 times. A prompt that starts like the previous request's (a
-/// follow-up chat turn) reuses its computed prefix — only under the same mixture.
-///
-/// Endpoints: /v1/models, /v1/chat/completions, /v1/completions, GET/POST /experts,
-/// DELETE /experts/NAME, /health, /metrics (Prometheus), and a chat page at /.
-///
-/// Examples:
-///   ggmerge serve --base base.gguf --expert math=math.dpk.gguf --expert code.dpk.gguf
-///       --preset coder=math:0.3,code:0.7 --port 8080
-///   curl localhost:8080/v1/chat/completions -H 'Content-Type: application/json'
-///       -d '{"model": "coder", "messages": [{"role": "user", "content": "Hi"}]}'
-#[derive(Args, Debug)]
-#[command(verbatim_doc_comment)]
-pub struct ServeArgs {
-    /// The base model (GGUF).
-    #[arg(long)]
-    pub base: PathBuf,
-    /// An expert pack: NAME=PATH, or PATH (named after its file: math.dpk.gguf → math).
-    /// Repeat for each.
-    #[arg(long = "expert")]
-    pub experts: Vec<String>,
-    /// A named mixture listed as a model: NAME=EXPERT:WEIGHT,EXPERT:WEIGHT… Repeat for each.
-    #[arg(long = "preset")]
-    pub presets: Vec<String>,
-    /// How expert deltas combine unless a request says (merge_method).
-    #[arg(long, default_value = "task_arithmetic", value_parser = super::args::pack_methods())]
-    pub method: Method,
-    /// Address to listen on (127.0.0.1: this machine only; 0.0.0.0: every interface).
-    #[arg(long, default_value = "127.0.0.1")]
-    pub host: String,
-    /// Port (0: any free port; the address is printed).
-    #[arg(long, default_value_t = 8080)]
-    pub port: u16,
-    /// Context size in tokens (0: the model's training context).
-    #[arg(short = 'c', long = "ctx-size", default_value_t = 4096)]
-    pub ctx: u32,
-    /// Threads for generation (default: all cores).
-    #[arg(short = 't', long)]
-    pub threads: Option<usize>,
-    /// Memory for cached mixtures, MiB (switching back to a cached mixture is a copy).
-    #[arg(long, default_value_t = 1024)]
-    pub cache_mib: u64,
-    /// Require `Authorization: Bearer KEY` on the API (also from GGMERGE_API_KEY).
-    #[arg(long, env = "GGMERGE_API_KEY", hide_env_values = true)]
-    pub api_key: Option<String>,
-    /// Directory POST /experts may load packs from (by file name only).
-    #[arg(long)]
-    pub expert_dir: Option<PathBuf>,
-    #[command(flatten)]
-    pub gpu: super::args::GpuArgs,
-    /// Most requests waiting (more get 503 queue_full).
-    #[arg(long, default_value_t = 64)]
-    pub queue: usize,
-    /// Largest request body, KiB (larger get 413).
-    #[arg(long, default_value_t = 1024)]
-    pub max_body_kib: usize,
-    /// Request order: mixture-first (the loaded mixture's requests first, within a bound) or
-    /// fifo.
-    #[arg(long, default_value = "mixture-first", value_parser = ["mixture-first", "fifo"])]
-    pub schedule: String,
-    /// Decode every prompt whole (no reuse of a previous request's prefix).
-    #[arg(long)]
-    pub no_prompt_cache: bool,
-    #[arg(long, help = super::args::REQUANT_HELP, default_value = Requant::DEFAULT.name(),
-          value_parser = super::args::requants(), ignore_case = true)]
-    pub requant: Requant,
-}
+use super::args::ServeArgs;
 
 /// `NAME=PATH` or `PATH` → an expert.
 fn expert(spec: &str) -> anyhow::Result<Expert> {
@@ -163,7 +86,7 @@ pub fn run(a: &ServeArgs) -> anyhow::Result<()> {
         host: a.host.clone(),
         port: a.port,
         session,
-        model: super::run::model_options(&a.gpu),
+        model: a.gpu.model_options(),
         cache_bytes: a.cache_mib << 20,
         api_key: a.api_key.clone(),
         expert_dir: a.expert_dir.clone(),

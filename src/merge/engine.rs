@@ -29,6 +29,13 @@ pub const DEFAULT_CHUNK_ELEMS: usize = 32 * 1024;
 const STEP_SAMPLE_EVERY: usize = 8;
 /// Output bytes per slab handed to the writer.
 pub const SLAB_BYTES: usize = 2 << 20;
+/// Parts (slabs of at most 2 MiB, or small tensors) queued for the writer thread: while the
+/// writer lags (a page-cache copy runs at ~1 GB/s on a slow machine) computing goes on, up to
+/// 32 MiB ahead, instead of a worker blocking on the queue.
+pub(crate) const QUEUED_PARTS: usize = 16;
+
+/// Output bytes of the consecutive small tensors computed together.
+pub(crate) const WINDOW_BYTES: u64 = 2 << 20;
 
 /// One input tensor's bytes and type, with its row size checked.
 #[derive(Clone, Copy)]

@@ -22,7 +22,6 @@ use crate::merge::engine::{self, ModelParams, SlabPool};
 use crate::merge::error::{MergeError, Result};
 use crate::merge::input::{Inputs, MergeInput};
 use crate::merge::method::{Kind, Method, MethodSpec};
-use crate::merge::run::{QUEUED_PARTS, WINDOW_BYTES};
 use crate::quant::{plan_types, ModelFacts, PlanInput, Requant, Target};
 
 /// What a plan needs to know besides the config and the inputs.
@@ -505,6 +504,6 @@ fn model_params(
 fn peak_memory(threads: Option<usize>, models: usize) -> u64 {
     let threads = crate::threads::clamp(threads) as u64;
     let chunk = engine::DEFAULT_CHUNK_ELEMS as u64 * 4;
-    let slabs = (QUEUED_PARTS + 2 + SlabPool::KEEP) as u64 * engine::SLAB_BYTES as u64;
-    threads * (chunk * (models as u64 + 2) + 2 * 65536 * 8) + slabs + WINDOW_BYTES
+    let slabs = (engine::QUEUED_PARTS + 2 + SlabPool::KEEP) as u64 * engine::SLAB_BYTES as u64;
+    threads * (chunk * (models as u64 + 2) + 2 * 65536 * 8) + slabs + engine::WINDOW_BYTES
 }

@@ -24,7 +24,7 @@ use crate::format::source::SourceTensor;
 use crate::format::GgmlType;
 use crate::merge::engine::{
     self, Culprit, EngineError, InputTensor, MergeTensorError, ModelInput, SlabPool, SparseDelta,
-    SparseMask, TensorJob, TensorStats,
+    SparseMask, TensorJob, TensorStats, QUEUED_PARTS, WINDOW_BYTES,
 };
 use crate::merge::error::{MergeError, Result};
 use crate::merge::input::MergeInput;
@@ -34,14 +34,6 @@ use crate::merge::report::{MergeReport, Totals};
 use crate::progress::Progress;
 use crate::quant::QuantError;
 use crate::threads::with_threads;
-
-/// Parts (slabs of at most 2 MiB, or small tensors) queued for the writer thread: while the
-/// writer lags (a page-cache copy runs at ~1 GB/s on a slow machine) computing goes on, up to
-/// 32 MiB ahead, instead of a worker blocking on the queue.
-pub(crate) const QUEUED_PARTS: usize = 16;
-
-/// Output bytes of the consecutive small tensors computed together.
-pub(crate) const WINDOW_BYTES: u64 = 2 << 20;
 
 /// How to write a plan's output.
 #[derive(Clone, Debug, Default)]
