@@ -17,7 +17,7 @@ use ggmerge::{merge_models, MergeOptions, NoProgress};
 fn smol_experts() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
     static E: OnceLock<(tempfile::TempDir, PathBuf, PathBuf)> = OnceLock::new();
     E.get_or_init(|| {
-        let dir = common::tempdir();
+        let dir = common::shared_tempdir();
         let a = dir.path().join("math.f16.gguf");
         let b = dir.path().join("code.f16.gguf");
         make_expert(&common::smollm2(), &a, 1, 1e-3, GgmlType::F16, &[]);

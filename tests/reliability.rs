@@ -61,7 +61,7 @@ struct Fixture {
 fn fixture() -> &'static Fixture {
     static F: OnceLock<Fixture> = OnceLock::new();
     F.get_or_init(|| {
-        let dir = common::tempdir();
+        let dir = common::shared_tempdir();
         let smol = common::smollm2();
         let e1 = dir.path().join("math.gguf");
         let e2 = dir.path().join("code.gguf");

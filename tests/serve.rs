@@ -26,7 +26,7 @@ struct Packs {
 fn packs() -> &'static Packs {
     static P: OnceLock<Packs> = OnceLock::new();
     P.get_or_init(|| {
-        let dir = common::tempdir();
+        let dir = common::shared_tempdir();
         let smol = common::smollm2();
         let mut out = Vec::new();
         for (name, seed) in [("math", 1), ("code", 2)] {

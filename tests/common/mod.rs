@@ -73,6 +73,31 @@ pub fn tempdir() -> tempfile::TempDir {
     tempfile::tempdir().expect("temporary directory")
 }
 
+/// A temporary directory for files shared by a test binary's tests (kept in a `static`, whose
+/// `TempDir` is never dropped): removed when the test process exits.
+pub fn shared_tempdir() -> tempfile::TempDir {
+    use std::sync::{Mutex, Once};
+    static DIRS: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+    static REGISTER: Once = Once::new();
+    extern "C" fn remove_shared() {
+        if let Ok(dirs) = DIRS.lock() {
+            for d in dirs.iter() {
+                let _ = std::fs::remove_dir_all(d);
+            }
+        }
+    }
+    // SAFETY: `remove_shared` is a plain function that neither unwinds nor needs anything but
+    // `DIRS`, a static that outlives every exit handler.
+    REGISTER.call_once(|| unsafe {
+        libc::atexit(remove_shared);
+    });
+    let dir = tempdir();
+    DIRS.lock()
+        .expect("shared directories")
+        .push(dir.path().to_path_buf());
+    dir
+}
+
 /// Runs the `ggmerge` binary built for these tests with `args`.
 pub fn ggmerge(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ggmerge"))
@@ -98,7 +123,7 @@ pub fn smollm2_pack_pair() -> &'static (tempfile::TempDir, std::path::PathBuf, s
     static P: OnceLock<(tempfile::TempDir, std::path::PathBuf, std::path::PathBuf)> =
         OnceLock::new();
     P.get_or_init(|| {
-        let dir = tempdir();
+        let dir = shared_tempdir();
         let base = smollm2();
         let mut p = experts::packs_of(&base, dir.path(), &[(21, "math"), (22, "code")], 0.2, 5);
         let code = p.pop().unwrap();
