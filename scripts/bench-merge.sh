@@ -9,7 +9,7 @@
 #   - quantize: base-f16 -> the mixture that reproduces the base's per-tensor types (checked);
 #   - merge:    --base BASE + 2 experts, weight 0.5, density 0.1, dare_ties, seed 1, output in
 #               the base's types, once per requantization mode of $REQUANT (`--requant`;
-#               default "full"; e.g. REQUANT="full grid grid-stochastic": one row each).
+#               default "full", the previous default; e.g. REQUANT="full grid grid-stochastic").
 # Both run with the same threads (-t, default: $THREADS or nproc), alternating, timed with
 # /usr/bin/time: best of $RUNS (default 2) each for wall time and for CPU time (user + system,
 # a steadier ratio on a busy machine), largest peak RSS; the merge's private (anonymous) peak is sampled in one more run,

@@ -18,6 +18,30 @@ if ! dpkg -s libvulkan-dev glslc mesa-vulkan-drivers spirv-headers >/dev/null 2>
   apt-get update -qq
   apt-get install -y -qq libvulkan-dev glslc mesa-vulkan-drivers spirv-headers >/dev/null
 fi
+# llama.cpp's Vulkan backend needs Vulkan-Hpp headers newer than Debian 12's (1.3.239 lacks
+# vk::LayerSettingEXT, VK_EXT_layer_settings, from 1.3.261 on): take the headers alone from
+# Debian 13's libvulkan-dev (no library is replaced; the loader and driver stay the system's).
+if ! grep -qs 'LayerSettingEXT' /usr/include/vulkan/vulkan_structs.hpp; then
+  headers=$PWD/target/vulkan-headers
+  if [ ! -f "$headers/usr/include/vulkan/vulkan.hpp" ]; then
+    apt_dir=$(mktemp -d)
+    trap 'rm -rf "$apt_dir"' EXIT
+    mkdir -p "$apt_dir/lists/partial"
+    # The machine's own Debian mirror (from its apt sources), suite trixie.
+    mirror=$(grep -rhsoE '^(URIs:|deb)[[:space:]]+[^[:space:]]+' /etc/apt/sources.list \
+      /etc/apt/sources.list.d/ | awk '{print $2}' | grep -E '/debian/?$' | head -1 || true)
+    [ -n "$mirror" ] || { echo "no Debian mirror in /etc/apt: cannot fetch newer Vulkan headers" >&2; exit 1; }
+    echo "deb $mirror trixie main" >"$apt_dir/sources.list"
+    apt_opts=(-o "Dir::Etc::SourceList=$apt_dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+      -o "Dir::State::Lists=$apt_dir/lists" -o "Dir::Cache::archives=$apt_dir" -o APT::Sandbox::User=root)
+    apt-get "${apt_opts[@]}" update -qq
+    (cd "$apt_dir" && apt-get "${apt_opts[@]}" download libvulkan-dev >/dev/null 2>&1)
+    mkdir -p "$headers"
+    dpkg-deb -x "$apt_dir"/libvulkan-dev_*.deb "$headers"
+  fi
+  export CPLUS_INCLUDE_PATH=$headers/usr/include${CPLUS_INCLUDE_PATH:+:$CPLUS_INCLUDE_PATH}
+  export C_INCLUDE_PATH=$headers/usr/include${C_INCLUDE_PATH:+:$C_INCLUDE_PATH}
+fi
 models=$(scripts/fetch-models.sh)
 export GGMERGE_MODELS=$models
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target/vulkan}

@@ -1,6 +1,8 @@
 //! Output hashes pinned: merge, apply, extract, quantize and convert on both fixtures must keep
 //! producing exactly these bytes. A change to any of them is either a bug or a deliberate
-//! format change — then update the hash here in the same commit and say why.
+//! format change — then update the hash here in the same commit and say why. (Merge and apply
+//! hashes changed once on purpose, when grid-stochastic requantization became the default; the
+//! `--requant full` merge keeps the hash it had before.)
 //!
 //! The experts are the tests' deterministic synthetic fine-tunes (`common::experts`), so the
 //! hashes depend only on ggmerge's code (and the pinned ggml for quantization).
@@ -37,32 +39,45 @@ fn pipeline(base: &Path, dir: &Path, with_convert: bool) -> Vec<(String, String)
     let mut out = Vec::new();
     let mut record = |name: &str, path: &Path| out.push((name.to_string(), hash(path)));
 
-    let merged = dir.join("merged.gguf");
-    ggmerge(&[
-        "merge",
-        "--base",
-        s(base),
-        "--model",
-        s(&e1),
-        "--weight",
-        "0.6",
-        "--density",
-        "0.2",
-        "--model",
-        s(&e2),
-        "--weight",
-        "0.4",
-        "--density",
-        "0.3",
-        "--method",
-        "dare_ties",
-        "--seed",
-        "7",
-        "-o",
-        s(&merged),
-        "-q",
-    ]);
-    record("merge dare_ties", &merged);
+    // dare_ties into the base's types, once with full requantization (the default before
+    // grid-stochastic; its bytes are unchanged since) and once with the default.
+    for (name, requant) in [
+        ("merge dare_ties --requant full", Some("full")),
+        ("merge dare_ties", None),
+    ] {
+        let merged = dir.join("merged.gguf");
+        let (e1, e2) = (s(&e1), s(&e2));
+        let mut args = vec![
+            "merge",
+            "--base",
+            s(base),
+            "--model",
+            e1,
+            "--weight",
+            "0.6",
+            "--density",
+            "0.2",
+            "--model",
+            e2,
+            "--weight",
+            "0.4",
+            "--density",
+            "0.3",
+            "--method",
+            "dare_ties",
+            "--seed",
+            "7",
+            "-o",
+            s(&merged),
+            "-q",
+        ];
+        if let Some(r) = requant {
+            args.extend(["--requant", r]);
+        }
+        ggmerge(&args);
+        record(name, &merged);
+        std::fs::remove_file(&merged).unwrap();
+    }
     let ties = dir.join("ties.gguf");
     ggmerge(&[
         "merge",
@@ -177,11 +192,12 @@ fn smollm2_outputs_are_pinned() {
     check(
         got,
         &[
-            ("merge dare_ties", "f7e154cd19b177ee"),
-            ("merge breadcrumbs_ties Q8_0", "ccdda433afb3ee13"),
+            ("merge dare_ties --requant full", "f7e154cd19b177ee"),
+            ("merge dare_ties", "3e67168e4e17b62d"),
+            ("merge breadcrumbs_ties Q8_0", "0d491cd84e1dbc5f"),
             ("extract dare f16", "b7fae22bb1c40089"),
             ("extract magnitude q8_0", "cb7286495fed2580"),
-            ("apply dare_ties", "1cb61e351980a444"),
+            ("apply dare_ties", "1d4a68961ce61b3d"),
             ("quantize Q4_K_M", "89805822061d8b63"),
             ("convert to safetensors BF16", "069e1fb3fc9dbae3"),
             ("convert back to GGUF", "1dca7e13b829c9a8"),
@@ -196,11 +212,12 @@ fn gemma3_outputs_are_pinned() {
     check(
         got,
         &[
-            ("merge dare_ties", "1a7668570873235c"),
-            ("merge breadcrumbs_ties Q8_0", "ddf84cab3a29a58f"),
+            ("merge dare_ties --requant full", "1a7668570873235c"),
+            ("merge dare_ties", "eac059ed302f8638"),
+            ("merge breadcrumbs_ties Q8_0", "35b6b550b3705f60"),
             ("extract dare f16", "b75164492a9252d1"),
             ("extract magnitude q8_0", "e860a3f4d5c5b582"),
-            ("apply dare_ties", "c26fb640faefd019"),
+            ("apply dare_ties", "0babd1b43c12affd"),
             ("quantize Q4_K_M", "9334a390523ab4e2"),
         ],
     );

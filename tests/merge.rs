@@ -670,7 +670,11 @@ fn grid_merges_of_smollm2_keep_untouched_weights_load_in_llama_cpp_and_are_threa
     };
     merge_models(&cfg, &o, &NoProgress).unwrap();
     let full = dir.path().join("full.gguf");
-    let r = merge_models(&cfg, &opts(&full, 2), &NoProgress).unwrap();
+    let full_opts = MergeOptions {
+        requant: Some(Requant::Full),
+        ..opts(&full, 2)
+    };
+    let r = merge_models(&cfg, &full_opts, &NoProgress).unwrap();
     assert_eq!(r.requant, Requant::Full);
     assert!(r.grid.is_none());
     let vs_full = against_exact(&base, &exact, &full);
@@ -762,7 +766,11 @@ fn grid_merges_of_gemma3_q4_k_m_keep_its_types_and_untouched_weights_load_and_ev
     };
     merge_models(&cfg, &o, &NoProgress).unwrap();
     let full = dir.path().join("full.gguf");
-    merge_models(&cfg, &opts(&full, 2), &NoProgress).unwrap();
+    let full_opts = MergeOptions {
+        requant: Some(Requant::Full),
+        ..opts(&full, 2)
+    };
+    merge_models(&cfg, &full_opts, &NoProgress).unwrap();
     let vs_full = against_exact(&base, &exact, &full);
     // ggml's K-quant scale search moves a third of the weights the merge left alone.
     assert!(

@@ -64,7 +64,7 @@ pub(super) const REQUANT_HELP: &str = requant_help!();
 /// `merge`'s `--requant`, whose default comes from the config.
 const MERGE_REQUANT_HELP: &str = concat!(
     requant_help!(),
-    " Default: the config's `requant`, else full."
+    " Default: the config's `requant`, else grid-stochastic."
 );
 
 /// The value types of a pack.

@@ -63,8 +63,11 @@ impl Requant {
     /// Every mode, in the order the help text lists them.
     pub const ALL: [Requant; 3] = [Requant::Full, Requant::Grid, Requant::GridStochastic];
 
-    /// The mode when none is given (merges, `apply`, runtime switches).
-    pub const DEFAULT: Requant = Requant::Full;
+    /// The mode when none is given (merges, `apply`, runtime switches): grid-stochastic, the
+    /// only mode that keeps a dense delta through a 4-bit output (docs/results.md, experiment
+    /// 6: task arithmetic into Q4_1/Q4_K_M keeps both abilities, full and grid lose them) and
+    /// the fastest runtime switch on K-quants (no scale search).
+    pub const DEFAULT: Requant = Requant::GridStochastic;
 
     /// The name on the command line and in configs and reports.
     pub fn name(self) -> &'static str {

@@ -50,7 +50,7 @@
 //! type = "Q4_K_M"                # output type (ggml type or llama.cpp mixture); default: like base
 //! seed = 42                      # mask seed (DARE/DELLA) and stochastic rounding seed; default 0
 //! threads = 8                    # optional; default: all cores
-//! requant = "grid"               # "full" (default), "grid", "grid-stochastic"; see quant::grid
+//! requant = "grid"               # "full", "grid", "grid-stochastic" (default); see quant::grid
 //!
 //! [parameters]                   # global: apply to every model unless it sets its own
 //! lambda = 1.0
