@@ -55,8 +55,11 @@ fn packs() -> &'static (tempfile::TempDir, PathBuf, PathBuf) {
     smollm2_pack_pair()
 }
 
+/// Host memory: the CPU backend's buffers (`CPU`, `CPU_REPACK`), or a GPU backend's pinned
+/// host buffer (`Vulkan_Host`, `CUDA_Host`), where llama.cpp keeps the layers it does not
+/// offload when a GPU backend is present.
 fn is_cpu(p: &Placement) -> bool {
-    p.buffer.starts_with("CPU")
+    p.buffer.starts_with("CPU") || p.buffer.ends_with("_Host")
 }
 
 #[test]

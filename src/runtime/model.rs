@@ -204,13 +204,12 @@ impl Model {
     pub fn placement(&self) -> Result<Vec<Placement>> {
         let mut groups: BTreeMap<(Option<u32>, String), (usize, u64)> = BTreeMap::new();
         for t in self.weights()?.iter() {
-            let key = (
-                crate::format::gguf::block_index(t.name()),
-                t.buffer_name().to_string(),
-            );
-            let g = groups.entry(key).or_default();
-            g.0 += 1;
-            g.1 += t.nbytes();
+            let layer = crate::format::gguf::block_index(t.name());
+            for buffer in std::iter::once(t.buffer_name()).chain(t.copy_buffer_names()) {
+                let g = groups.entry((layer, buffer.to_string())).or_default();
+                g.0 += 1;
+                g.1 += t.nbytes();
+            }
         }
         Ok(groups
             .into_iter()

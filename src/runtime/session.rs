@@ -163,14 +163,18 @@ impl<'m> Session<'m> {
                 ty: t.ty().to_string(),
             });
         }
-        // SAFETY: `t` is a weight tensor of the model, alive while `self.model` is, and has a
-        // buffer (discovery keeps only tensors with one). offset 0 + size ggml_nbytes(t) is the
-        // whole tensor, as every buffer type requires (the repack buffer asserts exactly this).
-        // `bytes` holds that many readable bytes (checked above). No decode runs meanwhile:
-        // Model is not Sync, so every session of it is on this thread, and `&mut self` excludes
-        // a decode of this one. The CPU buffer is writable because the model was loaded
-        // without mmap.
-        unsafe { sys::ggml_backend_tensor_set(t.raw(), bytes.as_ptr().cast(), 0, bytes.len()) };
+        // Every copy of a tied tensor (see runtime::weights) has the same type and shape.
+        for raw in t.raws() {
+            // SAFETY: `raw` is a weight tensor of the model (or a copy of one), alive while
+            // `self.model` is, and has a buffer (discovery keeps only tensors with one). offset
+            // 0 + size ggml_nbytes(raw) is the whole tensor, as every buffer type requires (the
+            // repack buffer asserts exactly this). `bytes` holds that many readable bytes
+            // (checked above; copies share the type and shape). No decode runs meanwhile: Model
+            // is not Sync, so every session of it is on this thread, and `&mut self` excludes a
+            // decode of this one. The CPU buffer is writable because the model was loaded
+            // without mmap.
+            unsafe { sys::ggml_backend_tensor_set(raw, bytes.as_ptr().cast(), 0, bytes.len()) };
+        }
         Ok(())
     }
 

@@ -8,6 +8,11 @@
 //!
 //! A tensor no graph node reads would not be found (none in the models tested: all 272 of
 //! SmolLM2 and all 236 of Gemma 3 are).
+//!
+//! One name can stand for several tensors: with GPU offload llama.cpp loads a tied embedding
+//! (`token_embd.weight`, also the output layer) twice, once for the input layer on the CPU and
+//! once for the output layer on its device. Such copies (same name, type and shape) are kept
+//! together in one [`WeightTensor`], and a write goes to every copy.
 
 use std::collections::BTreeMap;
 use std::ffi::{c_void, CStr};
@@ -30,6 +35,8 @@ pub struct WeightTensor {
     shape: Vec<u64>,
     nbytes: u64,
     buffer: String,
+    /// Further tensors of the same name, type and shape, with their buffers' names.
+    copies: Vec<(NonNull<sys::ggml_tensor>, String)>,
 }
 
 impl WeightTensor {
@@ -60,8 +67,14 @@ impl WeightTensor {
         &self.buffer
     }
 
-    pub(crate) fn raw(&self) -> *mut sys::ggml_tensor {
-        self.raw.as_ptr()
+    /// The buffers of the tensor's further copies (see the module docs), usually none.
+    pub fn copy_buffer_names(&self) -> impl Iterator<Item = &str> + '_ {
+        self.copies.iter().map(|(_, b)| b.as_str())
+    }
+
+    /// The tensor and its copies: every ggml tensor a write must reach.
+    pub(crate) fn raws(&self) -> impl Iterator<Item = *mut sys::ggml_tensor> + '_ {
+        std::iter::once(self.raw.as_ptr()).chain(self.copies.iter().map(|(r, _)| r.as_ptr()))
     }
 }
 
@@ -125,11 +138,11 @@ impl Recorder {
                 continue;
             }
             let name = String::from_utf8_lossy(name_bytes).into_owned();
-            if let Some(prev) = self.found.get(&name) {
-                if prev.raw.as_ptr() != src {
-                    self.error
-                        .get_or_insert(format!("two different tensors are named {name:?}"));
-                }
+            if self
+                .found
+                .get(&name)
+                .is_some_and(|prev| prev.raws().any(|r| r == src))
+            {
                 continue;
             }
             let Some(ty) = GgmlType::from_id(t.type_) else {
@@ -138,7 +151,7 @@ impl Recorder {
                 continue;
             };
             let n_dims = t.ne.iter().rposition(|&n| n != 1).map_or(1, |i| i + 1);
-            let shape = t.ne[..n_dims].iter().map(|&n| n as u64).collect();
+            let shape: Vec<u64> = t.ne[..n_dims].iter().map(|&n| n as u64).collect();
             // SAFETY: `src` is a live tensor; ggml_nbytes only reads its type, ne and nb.
             let nbytes = unsafe { sys::ggml_nbytes(src) } as u64;
             // SAFETY: `t.buffer` is a live buffer (non-null, checked above) of the model;
@@ -151,16 +164,29 @@ impl Recorder {
                     CStr::from_ptr(p).to_string_lossy().into_owned()
                 }
             };
+            // `src` is non-null (filtered above).
+            let raw = NonNull::new(src).expect("non-null");
+            if let Some(prev) = self.found.get_mut(&name) {
+                if prev.ty == ty && prev.shape == shape && prev.nbytes == nbytes {
+                    prev.copies.push((raw, buffer));
+                } else {
+                    self.error.get_or_insert(format!(
+                        "two different tensors are named {name:?} ({} {:?} and {ty} {shape:?})",
+                        prev.ty, prev.shape
+                    ));
+                }
+                continue;
+            }
             self.found.insert(
                 name.clone(),
                 WeightTensor {
-                    // `src` is non-null (filtered above).
-                    raw: NonNull::new(src).expect("non-null"),
+                    raw,
                     name,
                     ty,
                     shape,
                     nbytes,
                     buffer,
+                    copies: Vec::new(),
                 },
             );
         }
