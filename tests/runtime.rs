@@ -510,11 +510,18 @@ fn score_answer_smollm2() {
             ..Default::default()
         })
         .unwrap();
+    // On a GPU backend a batch of 8 and a whole prompt take different kernels (matrix-vector
+    // vs matrix-matrix, f16 accumulation): allow 1% of the log-likelihood there.
+    let relative = if common::test_gpu_layers() != 0 {
+        1e-2
+    } else {
+        0.0
+    };
     for (answer, full) in [(" Paris", &paris), (" Banana bread", &wrong)] {
         let split = small.score_answer(prompt, answer).unwrap();
         assert_eq!((split.exact, split.tokens), (full.exact, full.tokens));
         assert!(
-            (split.logprob - full.logprob).abs() < 1e-2,
+            (split.logprob - full.logprob).abs() < 1e-2 + relative * full.logprob.abs(),
             "{split:?} vs {full:?}"
         );
     }
