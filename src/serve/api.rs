@@ -58,6 +58,15 @@ impl ApiError {
         }
     }
 
+    /// 503 `shutting_down`: the inference thread is gone or going.
+    pub fn shutting_down() -> ApiError {
+        ApiError::server(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "shutting_down",
+            "the server is shutting down",
+        )
+    }
+
     /// The JSON body.
     pub fn body(&self) -> serde_json::Value {
         serde_json::json!({

@@ -301,13 +301,7 @@ async fn load_expert(
         name: name.clone(),
         reply: tx,
     })?;
-    rx.await.map_err(|_| {
-        ApiError::server(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the server is shutting down",
-        )
-    })??;
+    rx.await.map_err(|_| ApiError::shutting_down())??;
     let c = state.catalog();
     let info = c.experts.iter().find(|e| e.name == name).cloned();
     Ok((StatusCode::CREATED, Json(json!({ "expert": info }))).into_response())
@@ -322,13 +316,7 @@ async fn remove_expert(
         name: name.clone(),
         reply: tx,
     })?;
-    rx.await.map_err(|_| {
-        ApiError::server(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "shutting_down",
-            "the server is shutting down",
-        )
-    })??;
+    rx.await.map_err(|_| ApiError::shutting_down())??;
     Ok(Json(json!({ "removed": name })))
 }
 

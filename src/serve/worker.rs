@@ -259,7 +259,7 @@ impl Queue {
     pub fn submit(&self, job: Job) -> Result<(), ApiError> {
         let mut s = self.lock();
         if s.closing {
-            return Err(shutting_down());
+            return Err(ApiError::shutting_down());
         }
         if s.jobs.len() >= self.capacity {
             return Err(ApiError::server(
@@ -281,7 +281,7 @@ impl Queue {
     pub fn control(&self, c: Control) -> Result<(), ApiError> {
         let mut s = self.lock();
         if s.closing {
-            return Err(shutting_down());
+            return Err(ApiError::shutting_down());
         }
         s.controls.push_back(c);
         self.wake.notify_one();
@@ -304,12 +304,12 @@ impl Queue {
         let mut s = self.lock();
         s.closing = true;
         for job in s.jobs.drain(..) {
-            let _ = job.events.try_send(Event::Error(shutting_down()));
+            let _ = job.events.try_send(Event::Error(ApiError::shutting_down()));
         }
         for c in s.controls.drain(..) {
             match c {
                 Control::AddExpert { reply, .. } | Control::RemoveExpert { reply, .. } => {
-                    let _ = reply.send(Err(shutting_down()));
+                    let _ = reply.send(Err(ApiError::shutting_down()));
                 }
             }
         }
@@ -334,14 +334,6 @@ impl Queue {
             s = self.wake.wait(s).unwrap_or_else(|e| e.into_inner());
         }
     }
-}
-
-fn shutting_down() -> ApiError {
-    ApiError::server(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "shutting_down",
-        "the server is shutting down",
-    )
 }
 
 enum Work {
