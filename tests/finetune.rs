@@ -1,8 +1,9 @@
 //! `ggmerge finetune` on the tiny random llama of `common/tiny_model.rs`: a few optimizer steps,
 //! then the output must load in llama.cpp, give other logits than the base, and keep the base's
 //! metadata and tensor layout; bad arguments are refused with one line (options, F32, paths
-//! before the model is loaded), leaving no file behind. Below the CLI, `runtime::train`: its
-//! events in order, a callback's panic carried across llama.cpp, a quantized model refused.
+//! before the model is loaded, architectures ggml cannot differentiate), leaving no file
+//! behind. Below the CLI, `runtime::train`: its events in order, a callback's panic carried
+//! across llama.cpp, a quantized model and a Gemma model refused.
 
 mod common;
 
@@ -181,6 +182,19 @@ fn finetune_refuses_bad_inputs_leaving_no_file() {
     );
     std::fs::write(&data, b"caf\xe9\n").unwrap();
     expect_error(&["--base", b, "--data", d, "-o", o], &["not UTF-8"]);
+    // Gemma's GEGLU has no backward pass in ggml: llama.cpp would abort the process in the
+    // first step (SIGABRT). Refused first, before the F32 check would send the user to make a
+    // 1 GB copy that cannot be trained either.
+    let gemma = common::gemma3();
+    expect_error(
+        &["--base", s(&gemma), "--data", d, "-o", o],
+        &[
+            "gemma-3-270m-q4_k_m.gguf",
+            "gemma3",
+            "GEGLU",
+            "cannot be fine-tuned",
+        ],
+    );
     assert_eq!(listing(dir.path()), ["tiny.gguf", "train.txt"]);
 
     // --help teaches what training needs.
@@ -191,6 +205,7 @@ fn finetune_refuses_bad_inputs_leaving_no_file() {
         "--val-split",
         "--stride",
         "token_embd",
+        "Gemma",
     ] {
         assert!(help.contains(n), "missing {n:?} in\n{help}");
     }
@@ -301,6 +316,28 @@ fn train_resumes_a_callback_panic_after_llama_cpp_returns() {
     assert_eq!(payload.downcast_ref::<String>().unwrap(), "stop at step 1");
     // After a panic no more events were delivered.
     assert_eq!(steps, 1);
+}
+
+#[test]
+fn train_refuses_an_architecture_ggml_cannot_differentiate() {
+    // Refused before the F32 check and before any llama.cpp training call: the Q4_K_M file is
+    // enough to see the architecture.
+    let mut model = load_for_training(&common::gemma3());
+    assert_eq!(model.architecture().as_deref(), Some("gemma3"));
+    let err = train::train(&mut model, "text", &TrainOptions::default(), &mut |_| {})
+        .expect_err("gemma3 cannot be trained by llama.cpp");
+    let msg = err.to_string();
+    assert!(
+        matches!(&err, RuntimeError::Train(e)
+            if matches!(**e, TrainError::UnsupportedArchitecture { .. })),
+        "{msg}"
+    );
+    assert!(msg.contains("GEGLU") && msg.contains("gemma3"), "{msg}");
+    // llama models pass the check (the F32 check follows).
+    let smol = load_for_training(&common::smollm2());
+    assert_eq!(smol.architecture().as_deref(), Some("llama"));
+    train::check_trainable(smol.path(), smol.architecture().as_deref()).unwrap();
+    assert_eq!(smol.meta_str("no.such.key"), None);
 }
 
 #[test]

@@ -29,6 +29,10 @@ use super::outln;
 /// have one.) Memory: about 4× the F32 file (weights, gradients, two AdamW moments) plus
 /// activations, e.g. 2.4 GB for SmolLM2-135M.
 ///
+/// Llama-style models (llama, mistral, qwen2, SmolLM2 …) train. Gemma (GEGLU) and GELU models
+/// (GPT-2, Phi-2, Falcon …) are refused: ggml has no backward pass for their feed-forward, and
+/// llama.cpp would abort. Fine-tune those elsewhere; their fine-tunes merge and extract as usual.
+///
 /// The output keeps the base's metadata (chat template, tokenizer, names) and tensor order;
 /// only the weights differ. It is an expert of the base for `extract`, `merge` and `run`.
 ///

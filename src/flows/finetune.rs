@@ -53,6 +53,7 @@ pub fn finetune(
     let started = Instant::now();
     opts.validate()?;
     let base_file = GgufModel::open(base)?;
+    train::check_trainable(base, base_file.metadata().architecture())?;
     check_f32(&base_file)?;
     refuse_inputs(output, &[base, data])?;
     check_output_path(output)?;

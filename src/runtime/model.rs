@@ -233,6 +233,37 @@ impl Model {
         String::from_utf8_lossy(&buf[..n]).into_owned()
     }
 
+    /// The string value of metadata key `key` as llama.cpp read it
+    /// (`llama_model_meta_val_str`), or `None` when the model has no such key (or the key
+    /// holds an interior NUL, which no GGUF key name does).
+    pub fn meta_str(&self, key: &str) -> Option<String> {
+        let key = std::ffi::CString::new(key).ok()?;
+        let mut buf = vec![0u8; 256];
+        loop {
+            // SAFETY: the model is alive, `key` is NUL-terminated, and llama_model_meta_val_str
+            // writes at most `buf.len()` bytes including the NUL; it returns the length it
+            // wanted (snprintf semantics) or -1 when the key is missing.
+            let n = unsafe {
+                sys::llama_model_meta_val_str(
+                    self.raw.as_ptr(),
+                    key.as_ptr(),
+                    buf.as_mut_ptr().cast(),
+                    buf.len(),
+                )
+            };
+            let n = usize::try_from(n).ok()?;
+            if n < buf.len() {
+                return Some(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+            buf.resize(n + 1, 0);
+        }
+    }
+
+    /// `general.architecture` (e.g. `llama`, `gemma3`).
+    pub fn architecture(&self) -> Option<String> {
+        self.meta_str("general.architecture")
+    }
+
     /// Number of parameters (`llama_model_n_params`).
     pub fn n_params(&self) -> u64 {
         // SAFETY: the model is alive.

@@ -13,6 +13,8 @@
 //!   [`RuntimeError::Train`]).
 //!
 //! What [`train`] does, each step the llama.cpp call `finetune.cpp` makes:
+//! 0. refuses architectures whose graph ggml cannot differentiate ([`check_trainable`]: Gemma's
+//!    GEGLU, GELU models), because llama.cpp aborts the process on them;
 //! 1. checks that every weight is F32 (llama.cpp silently skips other types as parameters);
 //!    the model must have been loaded without mmap, as [`Model::load`] does (training writes
 //!    the weights in place);
@@ -339,6 +341,22 @@ pub enum TrainError {
         /// Its type.
         ty: String,
     },
+    /// The architecture's graph uses an operation ggml cannot differentiate: llama.cpp would
+    /// abort the process inside its first training step.
+    #[error(
+        "{}: {arch} models cannot be fine-tuned with llama.cpp's training API: {reason}. \
+         Fine-tune it with another trainer (e.g. PyTorch) and use the result with `extract`, \
+         `merge` and `run`; llama-architecture models (llama, mistral, qwen2, SmolLM2 …) train",
+        path.display()
+    )]
+    UnsupportedArchitecture {
+        /// The model file.
+        path: PathBuf,
+        /// `general.architecture`.
+        arch: String,
+        /// What in its graph has no backward pass.
+        reason: &'static str,
+    },
     /// The text is too short for one sequence.
     #[error(
         "the text has {tokens} tokens: one training sequence needs at least {needed} (context \
@@ -643,6 +661,55 @@ unsafe extern "C" fn on_step(
 
 // ---------------------------------------------------------------------------------------------
 
+/// Architectures whose forward graph (llama.cpp's `src/models/*.cpp` in the bundled version)
+/// uses an operation without a backward pass in ggml (`ggml_compute_backward` aborts the
+/// process on it), with that operation. ggml differentiates SiLU/SwiGLU, ReLU, soft-max, RoPE,
+/// RMS norm and matrix products, so llama-style models train; it has no GELU, GEGLU or norm
+/// (LayerNorm) backward. Checked before anything is trained, because llama.cpp's abort cannot
+/// be caught.
+const UNTRAINABLE_ARCHITECTURES: &[(&str, &str)] = {
+    const GEGLU: &str = "its GEGLU feed-forward has no backward pass in ggml";
+    const GELU: &str = "its GELU feed-forward has no backward pass in ggml";
+    &[
+        ("gemma", GEGLU),
+        ("gemma2", GEGLU),
+        ("gemma3", GEGLU),
+        ("gemma3n", GEGLU),
+        ("gemma4", GEGLU),
+        ("gemma4-assistant", GEGLU),
+        ("gemma-embedding", GEGLU),
+        ("grok", GELU),
+        ("bert", GELU),
+        ("modern-bert", GEGLU),
+        ("t5", GELU),
+        ("bloom", GELU),
+        ("falcon", GELU),
+        ("gpt2", GELU),
+        ("gptneox", GELU),
+        ("mpt", GELU),
+        ("phi2", GELU),
+        ("starcoder", GELU),
+        ("starcoder2", GELU),
+        ("codeshell", GELU),
+    ]
+};
+
+/// Errors when models of architecture `arch` (`general.architecture` of the file `path`)
+/// cannot be trained by llama.cpp (see [`UNTRAINABLE_ARCHITECTURES`]). Unknown or missing
+/// architectures pass: llama.cpp's loader judges those.
+pub fn check_trainable(path: &Path, arch: Option<&str>) -> Result<()> {
+    let Some(arch) = arch else { return Ok(()) };
+    match UNTRAINABLE_ARCHITECTURES.iter().find(|(a, _)| *a == arch) {
+        None => Ok(()),
+        Some(&(_, reason)) => Err(TrainError::UnsupportedArchitecture {
+            path: path.to_path_buf(),
+            arch: arch.to_string(),
+            reason,
+        }
+        .into()),
+    }
+}
+
 /// Errors unless every weight of `model` is F32.
 fn check_f32(model: &Model) -> Result<()> {
     let weights = model.weights()?;
@@ -675,6 +742,7 @@ pub fn train(
     let threads = default_threads(opts.threads)?;
     backend::init();
     let model: &Model = model;
+    check_trainable(model.path(), model.architecture().as_deref())?;
     check_f32(model)?;
 
     // Read by `opt_pars` during training: declared before the context, so it is dropped after
