@@ -18,6 +18,10 @@
 //! `REQUANT=full,grid,grid-stochastic cargo bench --bench runtime` measures the switches and
 //! merge-then-load once per requantization mode (`--requant`: the mixtures' and the merged
 //! file's), one table each; default `full`.
+//!
+//! `GGMERGE_BENCH_NGL=all` (or a number of layers) loads every model with that many layers
+//! offloaded (`-ngl`), for GPU builds (`--features cuda`, `vulkan`, `dynamic-backends` with a
+//! GPU backend library beside the executable); the default is 0, the CPU.
 
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -77,8 +81,24 @@ fn requant_modes() -> Vec<Requant> {
     }
 }
 
+/// `$GGMERGE_BENCH_NGL`: `all` (-1), a number of layers, or 0 when unset.
+fn gpu_layers() -> i32 {
+    match std::env::var("GGMERGE_BENCH_NGL") {
+        Err(_) => 0,
+        Ok(v) if v == "all" => -1,
+        Ok(v) => v.parse().unwrap_or_else(|_| {
+            eprintln!("GGMERGE_BENCH_NGL: {v:?} is not a number of layers or `all`");
+            std::process::exit(2)
+        }),
+    }
+}
+
 fn load(path: &Path) -> Model {
-    Model::load(path, &ModelOptions::default()).unwrap()
+    let opts = ModelOptions {
+        gpu_layers: gpu_layers(),
+        ..Default::default()
+    };
+    Model::load(path, &opts).unwrap()
 }
 
 /// Seconds since `t`.
@@ -221,12 +241,16 @@ fn main() {
     println!(
         "experts at run time vs merge-then-load, {threads} threads, context {N_CTX}, \
          2 synthetic F16 experts per fixture (rel {REL}), DARE packs at density {DENSITY} \
-         with F16 values; requantization {}; load average {}",
+         with F16 values; requantization {}; gpu layers {}; load average {}",
         modes
             .iter()
             .map(|r| r.name())
             .collect::<Vec<_>>()
             .join(", "),
+        match gpu_layers() {
+            -1 => "all".to_string(),
+            n => n.to_string(),
+        },
         loadavg()
     );
     for fx in &fixtures {

@@ -511,9 +511,10 @@ fn score_answer_smollm2() {
         })
         .unwrap();
     // On a GPU backend a batch of 8 and a whole prompt take different kernels (matrix-vector
-    // vs matrix-matrix, f16 accumulation): allow 1% of the log-likelihood there.
+    // vs matrix-matrix, f16 accumulation): allow 5% of the log-likelihood there. Measured:
+    // 0.3% on lavapipe (Vulkan), 1.6% on CUDA (H200: −32.05 vs −32.56 for " Banana bread").
     let relative = if common::test_gpu_layers() != 0 {
-        1e-2
+        5e-2
     } else {
         0.0
     };
