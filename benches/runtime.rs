@@ -19,6 +19,8 @@
 //! merge-then-load once per requantization mode (`--requant`: the mixtures' and the merged
 //! file's), one table each; default `full`.
 //!
+//! `FIXTURES=gemma` (or `smollm2`) measures one fixture only.
+//!
 //! `GGMERGE_BENCH_NGL=all` (or a number of layers) loads every model with that many layers
 //! offloaded (`-ngl`), for GPU builds (`--features cuda`, `vulkan`, `dynamic-backends` with a
 //! GPU backend library beside the executable); the default is 0, the CPU.
@@ -253,7 +255,19 @@ fn main() {
         },
         loadavg()
     );
+    // `$FIXTURES`: only the fixtures whose label contains one of these words (case-insensitive,
+    // separated by commas or spaces), e.g. `FIXTURES=gemma`.
+    let wanted: Vec<String> = std::env::var("FIXTURES")
+        .unwrap_or_default()
+        .split([',', ' '])
+        .filter(|w| !w.is_empty())
+        .map(str::to_lowercase)
+        .collect();
     for fx in &fixtures {
+        let label = fx.label.to_lowercase();
+        if !wanted.is_empty() && !wanted.iter().any(|w| label.contains(w)) {
+            continue;
+        }
         let base = models_dir().join(fx.file);
         if !base.is_file() {
             println!(
