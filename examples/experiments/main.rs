@@ -1059,7 +1059,7 @@ fn gemma_requant_modes(
     let mut lab = Lab::open(dir, threads, &GEMMA)?;
     let mut md = String::new();
     writeln!(md, "{GEMMA_HEADING}\n")?;
-    writeln!(md, "The same experiment on the Gemma fixture: the F32 base is the Q4_K_M fixture dequantized (so its Q4_K_M requantization is close to the original file), base model (no chat template), 18 layers of 640; `ffn_down`'s rows are 2048 wide, so Q4_K_M keeps real K-quant blocks there, while the 640-wide rows of the other matrices fall back to other types as llama.cpp's rules say. The experts were trained by {} on the same facts and text, with the same recipe as SmolLM2's.\n", lab.fixture.trained_by)?;
+    writeln!(md, "The same experiment on the Gemma fixture (a base model, no chat template; 18 layers of 640), its F32 base the Q4_K_M fixture dequantized. Q4_K_M keeps real K-quant blocks where rows are a multiple of 256 wide — `ffn_down` (2048: Q4_K or Q6_K) and `attn_output` (1024: Q4_K) — and falls back to Q5_0 or Q8_0 for the 640-wide rows of the other matrices, as llama.cpp's rules say. The experts were trained by {} on the same facts and text with the same recipe as SmolLM2's (AdamW, lr 1e-4 decaying to 1e-5 over 8 epochs, windows of 256 tokens, the token embedding frozen).\n", lab.fixture.trained_by)?;
     // The experts alone first (experiment 0 runs on SmolLM2 only).
     writeln!(
         md,
@@ -1515,6 +1515,17 @@ mod tests {
              | step | seconds |\n|---|---|\n| 5. packs | 6 |\n| 6. requantization modes | 249 |\n\
              {rows}| fine-tuning the capitals expert | 1370 |\n\n{END}\n\n## Hand-written\n"
         )
+    }
+
+    /// `run --only gemma-requant-modes` re-reads docs/results.json and writes it back: the
+    /// other experiments' numbers must come back digit for digit (serde_json's
+    /// `float_roundtrip`; without it these three changed in their last digit).
+    #[test]
+    fn results_json_round_trips() -> Result<()> {
+        let text = "[0.9954613917308969,3.2092486299140646,-1.7652621280990775]";
+        let v: serde_json::Value = serde_json::from_str(text)?;
+        assert_eq!(serde_json::to_string(&v)?, text);
+        Ok(())
     }
 
     #[test]
