@@ -79,7 +79,10 @@ gemma_train() {
   log "training the Gemma $domain expert (scripts/train_gemma_expert.py, lr $LR to $LR_MIN, $EPOCHS epochs, ctx $CTX, 1 thread)"
   start=$(date +%s)
   target/release/examples/experiments tokens "$gemma_base" "$work/data/$domain.train.txt" \
-    "$dir/$domain.tokens.json" 2>/dev/null
+    "$dir/$domain.tokens.json" 2>"$dir/$domain.tokens.log" || {
+    tail -5 "$dir/$domain.tokens.log" >&2
+    return 1
+  }
   "$py" scripts/train_gemma_expert.py --base "$gemma_base" --tokens "$dir/$domain.tokens.json" \
     --out "$expert" --lr "$LR" --lr-min "$LR_MIN" --epochs "$EPOCHS" --ctx "$CTX" --stride "$CTX" \
     --threads 1 --log "$dir/$domain.log.json" >"$work/gemma-finetune-$domain.log" 2>&1 || {
