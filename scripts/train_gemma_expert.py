@@ -65,14 +65,15 @@ def parse_args():
     p.add_argument("--base", required=True, help="the F32 Gemma 3 GGUF")
     p.add_argument("--tokens", help="training text's token ids (JSON of `experiments tokens`)")
     p.add_argument("--out", help="the expert GGUF to write")
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--lr-min", type=float, default=1e-5)
+    p.add_argument("--lr", type=float, default=1e-4, help="learning rate of the first epoch")
+    p.add_argument("--lr-min", type=float, default=1e-5,
+                   help="learning rate of the last epoch (exponential decay, epoch by epoch)")
     p.add_argument("--epochs", type=int, default=8)
-    p.add_argument("--ctx", type=int, default=256)
-    p.add_argument("--stride", type=int, default=256)
+    p.add_argument("--ctx", type=int, default=256, help="tokens per window (and --ppl chunk)")
+    p.add_argument("--stride", type=int, default=256, help="tokens between window starts")
     p.add_argument("--wd", type=float, default=0.0, help="AdamW weight decay")
     p.add_argument("--seed", type=int, default=1, help="recorded only: nothing is random")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=2, help="CPU cores to use")
     p.add_argument("--ppl", help="token ids (JSON) to score instead of training")
     p.add_argument("--emulate-ggml", action="store_true",
                    help="with --ppl: ggml's F16 GELU table and F16 KV cache")
@@ -102,7 +103,7 @@ class Gemma3:
         arch = self._get("general.architecture")
         if arch != "gemma3":
             raise SystemExit(f"{path}: architecture {arch!r}, expected gemma3")
-        g = lambda k, d=None: self._get(f"gemma3.{k}", d)
+        g = lambda k, d=KeyError: self._get(f"gemma3.{k}", d)
         self.n_embd = int(g("embedding_length"))
         self.n_layer = int(g("block_count"))
         self.n_head = int(g("attention.head_count"))
@@ -137,8 +138,7 @@ class Gemma3:
             if default is KeyError:
                 raise SystemExit(f"the GGUF has no {key}")
             return default
-        v = f.contents()
-        return v
+        return f.contents()
 
     def trainable(self):
         """Names of the trained tensors: all but the token embedding (and a tied output)."""
