@@ -6,6 +6,7 @@
 //! cargo run --release --example experiments -- data DIR [--facts N] [--repeats N]  # into DIR/data
 //! cargo run --release --example experiments -- run DIR [-t N]    # every table, into docs/
 //! cargo run --release --example experiments -- run DIR [-t N] --only requant-modes  # one, printed
+//! cargo run --release --example experiments -- tokens MODEL TEXT OUT.json [--ppl-ctx N]  # ids
 //! ```
 //!
 //! `run` expects in DIR: `smollm2-135m-f32.gguf` (the base), `expert-capitals.gguf` and
@@ -208,9 +209,47 @@ fn both_domains(per: &[Vec<Score>; 2]) -> (String, [f64; 2]) {
     (cells, [spread(&ex(0)).0, spread(&ex(1)).0])
 }
 
+/// A test model the experiments run on: its F32 base and two facts experts in DIR.
+struct Fixture {
+    /// The model's name in the tables.
+    label: &'static str,
+    /// The F32 base, in DIR.
+    base: &'static str,
+    /// The capitals and birthplaces experts (F32 fine-tunes of the base), in DIR.
+    experts: [&'static str; 2],
+    /// Where its intermediate files go, under DIR (quantized bases are cached by type there).
+    work: &'static str,
+    /// What made the experts (experiment 6's Gemma subsection says it).
+    trained_by: &'static str,
+}
+
+/// SmolLM2-135M-Instruct (the Q4_1 fixture dequantized), experts by `ggmerge finetune`: every
+/// experiment.
+const SMOLLM2: Fixture = Fixture {
+    label: "SmolLM2-135M-Instruct",
+    base: "smollm2-135m-f32.gguf",
+    experts: ["expert-capitals.gguf", "expert-birthplaces.gguf"],
+    work: "work",
+    trained_by: "`ggmerge finetune`",
+};
+
+/// Gemma 3 270M (the Q4_K_M fixture dequantized), experts by scripts/train_gemma_expert.py
+/// (llama.cpp cannot train Gemma: no backward pass for GEGLU): experiment 6.
+const GEMMA: Fixture = Fixture {
+    label: "Gemma 3 270M",
+    base: "gemma3-270m-f32.gguf",
+    experts: [
+        "gemma-expert-capitals.gguf",
+        "gemma-expert-birthplaces.gguf",
+    ],
+    work: "work/gemma",
+    trained_by: "scripts/train_gemma_expert.py (JAX; llama.cpp has no backward pass for GEGLU)",
+};
+
 /// What every experiment shares: paths, the loaded F32 base, the report being written and
 /// the timings.
 struct Lab {
+    fixture: &'static Fixture,
     dir: PathBuf,
     work: PathBuf,
     threads: Option<usize>,
@@ -226,15 +265,13 @@ struct Lab {
 }
 
 impl Lab {
-    /// Checks DIR holds the base and both experts, creates DIR/work and loads the base.
-    fn open(dir: &Path, threads: Option<usize>) -> Result<Lab> {
-        let work = dir.join("work");
+    /// Checks DIR holds the fixture's base and both experts, creates its work directory and
+    /// loads the base.
+    fn open(dir: &Path, threads: Option<usize>, fixture: &'static Fixture) -> Result<Lab> {
+        let work = dir.join(fixture.work);
         std::fs::create_dir_all(&work)?;
-        let base = dir.join("smollm2-135m-f32.gguf");
-        let experts = [
-            dir.join("expert-capitals.gguf"),
-            dir.join("expert-birthplaces.gguf"),
-        ];
+        let base = dir.join(fixture.base);
+        let experts = fixture.experts.map(|e| dir.join(e));
         for p in std::iter::once(&base).chain(&experts) {
             if !p.exists() {
                 return Err(anyhow!(
@@ -245,6 +282,7 @@ impl Lab {
         }
         let model = Model::load(&base, &ModelOptions::default())?;
         Ok(Lab {
+            fixture,
             dir: dir.to_path_buf(),
             work,
             threads,
@@ -431,6 +469,7 @@ fn baselines(lab: &mut Lab) -> Result<Baselines> {
     let alone = [on_base(lab, [1.0, 0.0])?, on_base(lab, [0.0, 1.0])?];
     lab.time("baselines: base and each expert alone", t);
     let names = lab.names();
+    let lab_label = lab.fixture.label;
     let md = &mut lab.md;
     writeln!(md, "## 0. The experts\n")?;
     writeln!(md, "| model | {} exact | {} exact | {} answer log-lik./token | {} answer log-lik./token | {} held-out log-lik. | {} held-out log-lik. | {} held-out ppl | {} held-out ppl |", names[0], names[1], names[0], names[1], names[0], names[1], names[0], names[1])?;
@@ -451,7 +490,7 @@ fn baselines(lab: &mut Lab) -> Result<Baselines> {
         )?;
         Ok(())
     };
-    row0("base (SmolLM2-135M-Instruct, F32)", &base_scores)?;
+    row0(&format!("base ({}, F32)", lab_label), &base_scores)?;
     row0(&format!("{} expert", names[0]), &alone[0])?;
     row0(&format!("{} expert", names[1]), &alone[1])?;
     writeln!(md)?;
@@ -985,11 +1024,85 @@ fn rebase(lab: &Lab, expert: &Path, qbase: &Path, out: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Experiment 6's heading.
+const REQUANT_HEADING: &str =
+    "## 6. Merging into a quantized base: full, grid and grid-stochastic requantization";
+/// Heading of experiment 6's Gemma subsection.
+const GEMMA_HEADING: &str = "### Gemma 3 270M";
+
 /// Experiment 6: both experts merged into a quantized base, the output in the base's types,
 /// with each requantization mode (`--requant full|grid|grid-stochastic`) against the exact
-/// (F32) merge.
+/// (F32) merge: SmolLM2's table ([`requant_table`]), then Gemma's ([`gemma_requant_modes`]).
 fn requant_modes(lab: &mut Lab) -> Result<()> {
     let t = Instant::now();
+    let mut md = String::new();
+    writeln!(md, "{REQUANT_HEADING}\n")?;
+    writeln!(md, "The F32 base quantized with `ggmerge quantize`; each expert re-based onto it (the quantized base's values plus the fine-tune's exact delta, as F32), so that merging both into the quantized base (w = 0.75 each, output in the base's types) merges exactly the deltas of the F32 experiments and only the requantization differs. Density 1 is task_arithmetic, below it {} (seed 1). Per `--requant` mode: retention as in experiment 4; the RMS error of the merged weights against the exact merge (the same merge written as F32), relative to the merged delta's RMS, over the tensors the merge changed; of the blocks on the base's grid, the share that moved and the share requantized in full (a value beyond the grid's range); the facts' exact match and answer log-likelihood; the perplexity of the two held-out texts (mean). Rows `exact (F32)`: the merge without requantization; rows `base`: the quantized base alone.\n", GRID_DARE.name())?;
+    writeln!(md, "### {}\n", lab.fixture.label)?;
+    let rows = requant_table(lab, &mut md)?;
+    lab.md.push_str(&md);
+    lab.json
+        .insert("requant_modes".into(), serde_json::Value::Array(rows));
+    lab.time("6. requantization modes", t);
+    Ok(())
+}
+
+/// Experiment 6 on the Gemma fixture (DIR's Gemma base and experts, their own work
+/// directory), after a table of the F32 base and experts alone (experiment 0 runs on SmolLM2
+/// only): its subsection of docs/results.md, its results for results.json (`alone`, `rows`)
+/// and its wall time.
+fn gemma_requant_modes(
+    dir: &Path,
+    threads: Option<usize>,
+) -> Result<(String, serde_json::Value, f64)> {
+    let t = Instant::now();
+    let mut lab = Lab::open(dir, threads, &GEMMA)?;
+    let mut md = String::new();
+    writeln!(md, "{GEMMA_HEADING}\n")?;
+    writeln!(md, "The same experiment on the Gemma fixture (a base model, no chat template; 18 layers of 640), its F32 base the Q4_K_M fixture dequantized. Q4_K_M keeps real K-quant blocks where rows are a multiple of 256 wide — `ffn_down` (2048: Q4_K or Q6_K) and `attn_output` (1024: Q4_K) — and falls back to Q5_0 or Q8_0 for the 640-wide rows of the other matrices, as llama.cpp's rules say. The experts were trained by {} on the same facts and text with the same recipe as SmolLM2's (AdamW, lr 1e-4 decaying to 1e-5 over 8 epochs, windows of 256 tokens, the token embedding frozen).\n", lab.fixture.trained_by)?;
+    // The experts alone first (experiment 0 runs on SmolLM2 only).
+    writeln!(
+        md,
+        "| F32 model | {n0} exact | {n1} exact | {n0} log-lik. | {n1} log-lik. | held-out ppl |",
+        n0 = lab.names()[0],
+        n1 = lab.names()[1]
+    )?;
+    writeln!(md, "|---|---|---|---|---|---|")?;
+    let models = [
+        ("base".to_string(), lab.base.clone()),
+        (format!("{} expert", lab.names()[0]), lab.experts[0].clone()),
+        (format!("{} expert", lab.names()[1]), lab.experts[1].clone()),
+    ];
+    let mut alone = Vec::new();
+    for (label, path) in &models {
+        let s = lab.evaluate_file(path)?;
+        writeln!(
+            md,
+            "| {label} | {:.0}% | {:.0}% | {:.2} | {:.2} | {:.2} |",
+            100.0 * s[0].exact,
+            100.0 * s[1].exact,
+            s[0].logprob,
+            s[1].logprob,
+            (s[0].ppl + s[1].ppl) / 2.0
+        )?;
+        alone.push(json!({
+            "model": label, "exact": [s[0].exact, s[1].exact],
+            "logprob": [s[0].logprob, s[1].logprob], "heldout_ppl": [s[0].ppl, s[1].ppl],
+        }));
+    }
+    writeln!(md)?;
+    let rows = requant_table(&mut lab, &mut md)?;
+    lab.time("6. requantization modes (Gemma 3 270M)", t);
+    Ok((
+        md,
+        json!({ "alone": alone, "rows": rows }),
+        t.elapsed().as_secs_f64(),
+    ))
+}
+
+/// Experiment 6's table for `lab`'s fixture, appended to `md`; returns its rows for
+/// results.json.
+fn requant_table(lab: &mut Lab, md: &mut String) -> Result<Vec<serde_json::Value>> {
     let names = lab.names();
     let types: &[&str] = pick(&GRID_TYPES);
     let densities: &[f64] = if quick() {
@@ -997,12 +1110,6 @@ fn requant_modes(lab: &mut Lab) -> Result<()> {
     } else {
         &GRID_DENSITIES
     };
-    let mut md = String::new();
-    writeln!(
-        md,
-        "## 6. Merging into a quantized base: full, grid and grid-stochastic requantization\n"
-    )?;
-    writeln!(md, "The F32 base quantized with `ggmerge quantize`; each expert re-based onto it (the quantized base's values plus the fine-tune's exact delta, as F32), so that merging both into the quantized base (w = 0.75 each, output in the base's types) merges exactly the deltas of the F32 experiments and only the requantization differs. Density 1 is task_arithmetic, below it {} (seed 1). Per `--requant` mode: retention as in experiment 4; the RMS error of the merged weights against the exact merge (the same merge written as F32), relative to the merged delta's RMS, over the tensors the merge changed; of the blocks on the base's grid, the share that moved and the share requantized in full (a value beyond the grid's range); the facts' exact match and answer log-likelihood; the perplexity of the two held-out texts (mean). Rows `exact (F32)`: the merge without requantization; rows `base`: the quantized base alone.\n", GRID_DARE.name())?;
     writeln!(md, "| base type | density | requant | retention | RMS error / delta RMS | blocks moved / full | {} exact | {} exact | {} log-lik. | {} log-lik. | held-out ppl |", names[0], names[1], names[0], names[1])?;
     writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|")?;
     let mut rows = Vec::new();
@@ -1021,7 +1128,7 @@ fn requant_modes(lab: &mut Lab) -> Result<()> {
             )
         };
         let s = lab.evaluate_file(&qbase)?;
-        row(&mut md, "—", "base", "— | — | —", &s)?;
+        row(md, "—", "base", "— | — | —", &s)?;
         // The re-based experts are F32 models (~0.5 GiB each here): made per type, removed
         // after it.
         let rebased = [
@@ -1058,13 +1165,7 @@ fn requant_modes(lab: &mut Lab) -> Result<()> {
             let exact = lab.work.join(format!("grid-exact-{ty}.gguf"));
             merge(&exact, Some("F32"), Requant::Full)?;
             let s = lab.evaluate_file(&exact)?;
-            row(
-                &mut md,
-                &density.to_string(),
-                "exact (F32)",
-                "— | 0 | —",
-                &s,
-            )?;
+            row(md, &density.to_string(), "exact (F32)", "— | 0 | —", &s)?;
             for requant in Requant::ALL {
                 let out = lab.work.join(format!("grid-{requant}-{ty}.gguf"));
                 let report = merge(&out, None, requant)?;
@@ -1084,7 +1185,7 @@ fn requant_modes(lab: &mut Lab) -> Result<()> {
                 };
                 let s = lab.evaluate_file(&out)?;
                 let cells = format!("{:.0}% | {err:.3} | {blocks}", 100.0 * kept);
-                row(&mut md, &density.to_string(), requant.name(), &cells, &s)?;
+                row(md, &density.to_string(), requant.name(), &cells, &s)?;
                 rows.push(json!({
                     "type": ty, "method": method.name(), "density": density,
                     "requant": requant.name(), "retention": kept, "relative_rms_error": err,
@@ -1106,11 +1207,7 @@ fn requant_modes(lab: &mut Lab) -> Result<()> {
         }
     }
     writeln!(md)?;
-    lab.md.push_str(&md);
-    lab.json
-        .insert("requant_modes".into(), serde_json::Value::Array(rows));
-    lab.time("6. requantization modes", t);
-    Ok(())
+    Ok(rows)
 }
 
 /// The wall time of each step, fine-tuning included (from scripts/experiments.sh's files).
@@ -1127,14 +1224,34 @@ fn wall_times(lab: &mut Lab) -> Result<()> {
             writeln!(md, "| fine-tuning the {d} expert | {} |", s.trim())?;
         }
     }
+    md.push_str(&gemma_finetune_rows(&lab.dir));
     writeln!(md)?;
     Ok(())
 }
 
+/// Wall-time rows of the Gemma experts' training (from scripts/experiments.sh's files).
+fn gemma_finetune_rows(dir: &Path) -> String {
+    let mut rows = String::new();
+    for d in ["capitals", "birthplaces"] {
+        if let Ok(s) = std::fs::read_to_string(dir.join(format!("gemma-finetune-{d}.seconds"))) {
+            rows.push_str(&format!(
+                "| {GEMMA_TRAIN_ROW} {d} expert (scripts/train_gemma_expert.py) | {} |\n",
+                s.trim()
+            ));
+        }
+    }
+    rows
+}
+
+/// Start of the wall-time rows of the Gemma experts' training.
+const GEMMA_TRAIN_ROW: &str = "fine-tuning the Gemma";
+/// Wall-time row of experiment 6 on Gemma.
+const GEMMA_REQUANT_ROW: &str = "6. requantization modes (Gemma 3 270M)";
+
 /// Every experiment in order; the tables go to docs/results.md (its generated part) and
 /// docs/results.json.
 fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
-    let mut lab = Lab::open(dir, threads)?;
+    let mut lab = Lab::open(dir, threads, &SMOLLM2)?;
     let Baselines { dense, alone } = baselines(&mut lab)?;
     let curve = drop_rate(&mut lab, &dense)?;
     merges(&mut lab, &alone)?;
@@ -1142,6 +1259,10 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
     requantized(&mut lab)?;
     packs(&mut lab, &curve)?;
     requant_modes(&mut lab)?;
+    let (md, rows, secs) = gemma_requant_modes(dir, threads)?;
+    lab.md.push_str(&md);
+    lab.json.insert("requant_modes_gemma".into(), rows);
+    lab.timings.push((GEMMA_REQUANT_ROW.into(), secs));
     wall_times(&mut lab)?;
     write_generated(Path::new("docs/results.md"), &lab.md)?;
     write(
@@ -1152,11 +1273,20 @@ fn run(dir: &Path, threads: Option<usize>) -> Result<()> {
 }
 
 /// Experiments `run --only` accepts: those that need no other's results.
-const ALONE: [&str; 3] = ["quantized", "requantized", "requant-modes"];
+/// `gemma-requant-modes` writes into docs/ (see [`run_gemma_only`]); the others print.
+const ALONE: [&str; 4] = [
+    "quantized",
+    "requantized",
+    "requant-modes",
+    "gemma-requant-modes",
+];
 
 /// One experiment of [`ALONE`], its table printed (docs/ untouched).
 fn run_only(dir: &Path, threads: Option<usize>, name: &str) -> Result<()> {
-    let mut lab = Lab::open(dir, threads)?;
+    if name == "gemma-requant-modes" {
+        return run_gemma_only(dir, threads);
+    }
+    let mut lab = Lab::open(dir, threads, &SMOLLM2)?;
     match name {
         "quantized" => quantized(&mut lab)?,
         "requantized" => requantized(&mut lab)?,
@@ -1165,6 +1295,87 @@ fn run_only(dir: &Path, threads: Option<usize>, name: &str) -> Result<()> {
     }
     print!("{}", lab.md);
     Ok(())
+}
+
+/// `run --only gemma-requant-modes`: experiment 6 on Gemma alone, written into the generated
+/// part of docs/results.md (its subsection of experiment 6 and its wall-time rows replaced or
+/// added, the rest kept: SmolLM2's experiments need not run again) and into docs/results.json
+/// (`requant_modes_gemma`).
+fn run_gemma_only(dir: &Path, threads: Option<usize>) -> Result<()> {
+    let (md, rows, secs) = gemma_requant_modes(dir, threads)?;
+    // Kept beside the work files too, should the splice below fail.
+    write(&dir.join(GEMMA.work).join("requant-modes.md"), &md)?;
+    let path = Path::new("docs/results.md");
+    let old = std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read {} (run every experiment first)",
+            path.display()
+        )
+    })?;
+    let timing = format!("| {GEMMA_REQUANT_ROW} | {secs:.0} |\n");
+    let new = splice_gemma(&old, &md, &timing, &gemma_finetune_rows(dir))?;
+    write(path, &new)?;
+    let json_path = Path::new("docs/results.json");
+    let mut json = match std::fs::read_to_string(json_path) {
+        Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
+            .with_context(|| format!("{}: not JSON", json_path.display()))?,
+        Err(_) => json!({}),
+    };
+    let obj = json
+        .as_object_mut()
+        .ok_or_else(|| anyhow!("{}: not a JSON object", json_path.display()))?;
+    obj.insert("requant_modes_gemma".into(), rows);
+    write(json_path, &serde_json::to_string_pretty(&json)?)
+}
+
+/// `doc` (docs/results.md) with experiment 6's Gemma subsection set to `section` (replacing
+/// the one there, else added at the end of experiment 6; SmolLM2's table gets its subheading
+/// if it lacks one), and the wall-time table's Gemma rows set to `timing` (after experiment
+/// 6's row) and `train_rows` (at the end). Only the generated part changes.
+fn splice_gemma(doc: &str, section: &str, timing: &str, train_rows: &str) -> Result<String> {
+    let (Some(b), Some(e)) = (doc.find(BEGIN), doc.find(END)) else {
+        return Err(anyhow!(
+            "docs/results.md has no generated part: run every experiment first"
+        ));
+    };
+    let (head, gen, tail) = (&doc[..b], &doc[b..e], &doc[e..]);
+    let s6 = gen.find(REQUANT_HEADING).ok_or_else(|| {
+        anyhow!("docs/results.md has no experiment 6: run every experiment first")
+    })?;
+    let end6 = gen[s6..].find("\n## ").map_or(gen.len(), |i| s6 + i + 1);
+    let mut exp6 = gen[s6..end6].to_string();
+    if let Some(g) = exp6.find(GEMMA_HEADING) {
+        exp6.truncate(g);
+    }
+    let smol = format!("### {}\n\n", SMOLLM2.label);
+    if !exp6.contains(&smol) {
+        if let Some(t) = exp6.find("\n| base type") {
+            exp6.insert_str(t + 1, &smol);
+        }
+    }
+    exp6.push_str(section);
+    let mut rest = String::new();
+    let mut in_times = false;
+    for line in gen[end6..].lines() {
+        if line.starts_with("## ") {
+            in_times = line.starts_with("## Wall time");
+        }
+        let gemma_row = line.starts_with(&format!("| {GEMMA_REQUANT_ROW}"))
+            || line.starts_with(&format!("| {GEMMA_TRAIN_ROW}"));
+        if in_times && gemma_row {
+            continue;
+        }
+        if in_times && line.is_empty() && rest.ends_with("|\n") {
+            rest.push_str(train_rows);
+            in_times = false;
+        }
+        rest.push_str(line);
+        rest.push('\n');
+        if in_times && line.starts_with("| 6. requantization modes |") {
+            rest.push_str(timing);
+        }
+    }
+    Ok(format!("{head}{}{exp6}{rest}{tail}", &gen[..s6]))
 }
 
 /// `run`'s options after DIR: `-t N` and `--only NAME`.
@@ -1204,6 +1415,37 @@ fn write_generated(path: &Path, tables: &str) -> Result<()> {
     write(path, &format!("{head}{BEGIN}\n\n{tables}{END}{tail}"))
 }
 
+/// `tokens MODEL TEXT OUT [--ppl-ctx N]`: the token ids of TEXT as `ggmerge finetune` and
+/// `perplexity` see them (`Model::tokenize(text, add_special = true, parse_special = false)`:
+/// BOS first when the vocabulary adds it), written to OUT as JSON `{"bos": …, "adds_bos": …,
+/// "n_vocab": …, "tokens": […]}`. scripts/train_gemma_expert.py trains on these ids, so its
+/// windows are exactly llama.cpp's. With `--ppl-ctx N` also llama.cpp's perplexity of TEXT in
+/// chunks of N (`"ppl"`, `"chunk_ppl"`), to check the script's forward pass against.
+fn tokens(model: &Path, text: &Path, out: &Path, ppl_ctx: Option<u32>) -> Result<()> {
+    let text =
+        std::fs::read_to_string(text).with_context(|| format!("cannot read {}", text.display()))?;
+    let model = Model::load(model, &ModelOptions::default())?;
+    let ids = model.tokenize(&text, true, false)?;
+    let mut doc = json!({
+        "bos": model.bos(),
+        "adds_bos": model.adds_bos(),
+        "n_vocab": model.n_vocab(),
+        "tokens": ids,
+    });
+    if let Some(n_ctx) = ppl_ctx {
+        let opts = SessionOptions {
+            n_ctx,
+            n_batch: n_ctx,
+            ..Default::default()
+        };
+        let p = model.session(&opts)?.perplexity(&text, &NoProgress)?;
+        doc["ppl_ctx"] = json!(n_ctx);
+        doc["ppl"] = json!(p.ppl);
+        doc["chunk_ppl"] = json!(p.chunk_ppl);
+    }
+    write(out, &serde_json::to_string(&doc)?)
+}
+
 /// `data`'s options: `--facts N` (default [`FACTS`]) and `--repeats N` (default [`REPEATS`]).
 fn data_args(args: &[String]) -> Result<(usize, usize)> {
     let (mut n_facts, mut repeats) = (FACTS, REPEATS);
@@ -1230,6 +1472,17 @@ fn main() -> ExitCode {
         [cmd, dir, rest @ ..] if cmd == "data" => {
             data_args(rest).and_then(|(n, r)| data(&PathBuf::from(dir).join("data"), n, r))
         }
+        [cmd, model, text, out, rest @ ..] if cmd == "tokens" => {
+            let ppl_ctx = match rest {
+                [] => Ok(None),
+                [flag, n] if flag == "--ppl-ctx" => n
+                    .parse::<u32>()
+                    .map(Some)
+                    .map_err(|_| anyhow!("--ppl-ctx {n:?}: not a number")),
+                _ => Err(anyhow!("tokens: unknown options {rest:?} (--ppl-ctx N)")),
+            };
+            ppl_ctx.and_then(|c| tokens(Path::new(model), Path::new(text), Path::new(out), c))
+        }
         [cmd, dir, rest @ ..] if cmd == "run" => {
             run_args(rest).and_then(|(threads, only)| match only {
                 Some(name) => run_only(&PathBuf::from(dir), threads, &name),
@@ -1238,7 +1491,8 @@ fn main() -> ExitCode {
         }
         _ => Err(anyhow!(
             "usage: experiments data DIR [--facts N] [--repeats N] | \
-             experiments run DIR [-t N] [--only NAME]"
+             experiments run DIR [-t N] [--only NAME] | \
+             experiments tokens MODEL TEXT OUT.json [--ppl-ctx N]"
         )),
     };
     match result {
@@ -1247,5 +1501,49 @@ fn main() -> ExitCode {
             eprintln!("experiments: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(gemma: &str, rows: &str) -> String {
+        format!(
+            "# Results\n\n{BEGIN}\n\n## 5. Packs\n\ntext\n\n{REQUANT_HEADING}\n\nIntro.\n\n\
+             | base type | x |\n|---|---|\n| Q4_1 | 1 |\n\n{gemma}## Wall time of each step\n\n\
+             | step | seconds |\n|---|---|\n| 5. packs | 6 |\n| 6. requantization modes | 249 |\n\
+             {rows}| fine-tuning the capitals expert | 1370 |\n\n{END}\n\n## Hand-written\n"
+        )
+    }
+
+    /// `run --only gemma-requant-modes` re-reads docs/results.json and writes it back: the
+    /// other experiments' numbers must come back digit for digit (serde_json's
+    /// `float_roundtrip`; without it these three changed in their last digit).
+    #[test]
+    fn results_json_round_trips() -> Result<()> {
+        let text = "[0.9954613917308969,3.2092486299140646,-1.7652621280990775]";
+        let v: serde_json::Value = serde_json::from_str(text)?;
+        assert_eq!(serde_json::to_string(&v)?, text);
+        Ok(())
+    }
+
+    #[test]
+    fn splice_adds_then_replaces_the_gemma_parts() -> Result<()> {
+        let section = format!("{GEMMA_HEADING}\n\nGemma.\n\n| base type | x |\n|---|---|\n\n");
+        let timing = format!("| {GEMMA_REQUANT_ROW} | 700 |\n");
+        let train = format!("| {GEMMA_TRAIN_ROW} capitals expert (script) | 900 |\n");
+        let once = splice_gemma(&doc("", ""), &section, &timing, &train)?;
+        let smol = format!("### {}\n\n| base type", SMOLLM2.label);
+        let expected = doc(&section, &timing)
+            .replacen("| base type", &smol, 1)
+            .replace("| 1370 |\n\n", &format!("| 1370 |\n{train}\n"));
+        assert_eq!(once, expected);
+        // Again with other numbers: replaced, not added twice.
+        let timing2 = timing.replace("700", "650");
+        let twice = splice_gemma(&once, &section, &timing2, &train)?;
+        assert_eq!(twice, expected.replace(&timing, &timing2));
+        assert!(splice_gemma("# no generated part\n", &section, &timing, &train).is_err());
+        Ok(())
     }
 }

@@ -2,7 +2,10 @@
 //! how likely is it?
 //!
 //! Greedy decoding from `prompt` produces the answer's tokens `a₁ … aₙ` followed by a newline
-//! (or an end-of-generation token) iff, at every step, the most likely next token is that token.
+//! (or an end-of-generation token) iff, at every step, the most likely next token is that token;
+//! after the answer, any token whose text starts with a newline ends it as well (Gemma's
+//! vocabulary has `"\n\n"` as one token, which a model trained on blank-line separated text
+//! prefers to `"\n"`: the generated text is still the answer followed by a newline).
 //! Feeding the prompt and the answer in one batch gives all those next-token distributions at
 //! once (teacher forcing), so [`Session::score_answer`] decides the greedy exact match with one
 //! decode instead of one per generated token, with the same result — and gets the answer's
@@ -108,7 +111,8 @@ impl Session<'_> {
             }
         }
         let eog_ok = |row: &[f32]| {
-            // Greedy stops at the newline or at an end-of-generation token.
+            // Greedy stops at an end-of-generation token, or its text has a newline right after
+            // the answer (a token starting with one, e.g. "\n\n").
             let best = row
                 .iter()
                 .enumerate()
@@ -121,6 +125,7 @@ impl Session<'_> {
                 })
                 .0;
             model.is_eog(best as Token)
+                || model.token_to_piece(best as Token, false).first() == Some(&b'\n')
         };
         let checks: Vec<(bool, f64)> = rows
             .iter()
@@ -133,7 +138,8 @@ impl Session<'_> {
                 } else {
                     0.0
                 };
-                // The terminator position may also end with an end-of-generation token.
+                // The terminator position may also end with an end-of-generation token or
+                // another token starting with a newline.
                 (hit || (k >= n_answer && eog_ok(row)), lp)
             })
             .collect();
