@@ -532,3 +532,33 @@ fn score_answer_smollm2() {
     assert!(matches!(err, RuntimeError::Invalid(_)), "{err}");
     assert_eq!(s.score_answer(prompt, " Paris").unwrap(), paris);
 }
+
+#[test]
+fn score_answer_ends_at_a_token_that_starts_with_a_newline() {
+    // Gemma's vocabulary has "\n\n" as one token, and greedy continues this answer with it:
+    // the generated text is still the answer followed by a newline, so the answer is exact.
+    let model = load(&common::gemma3());
+    let mut s = session(&model, 128);
+    let prompt = "Q: What is 2+2?\nA: 4\n\nQ: What is 3+3?\nA:";
+    let g = s
+        .generate(
+            prompt,
+            &GenerateOptions {
+                n_predict: 4,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(g.text.starts_with(" 3\n\n"), "{:?}", g.text);
+    let score = s.score_answer(prompt, " 3").unwrap();
+    assert!(score.exact, "{score:?}");
+    let after = model.token_to_piece(g.tokens[score.tokens], false);
+    assert_eq!(
+        after, b"\n\n",
+        "the token after the answer, in {:?}",
+        g.tokens
+    );
+    // Another answer than greedy's is still not exact.
+    let wrong = s.score_answer(prompt, " 6").unwrap();
+    assert!(!wrong.exact, "{wrong:?}");
+}
