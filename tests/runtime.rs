@@ -531,3 +531,47 @@ fn score_answer_smollm2() {
     assert!(matches!(err, RuntimeError::Invalid(_)), "{err}");
     assert_eq!(s.score_answer(prompt, " Paris").unwrap(), paris);
 }
+
+#[test]
+fn score_answer_gemma_blank_line_ends_the_answer() {
+    // Gemma's vocabulary has "\n\n" as one token. After blank-line separated examples the
+    // base greedily writes " Paris\n\n…": the answer followed by a newline, so exact — the
+    // scorer once took only "\n" as the end and called this a miss.
+    let model = load(&common::gemma3());
+    let mut s = session(&model, 128);
+    let prompt = "Germany: Berlin\n\nItaly: Rome\n\nSpain: Madrid\n\nFrance:";
+    let blank = model.tokenize("\n\n", false, false).unwrap();
+    assert_eq!(blank.len(), 1, "{blank:?}");
+    let g = s
+        .generate(
+            prompt,
+            &GenerateOptions {
+                n_predict: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(g.text.starts_with(" Paris\n\n"), "{:?}", g.text);
+    let paris = s.score_answer(prompt, " Paris").unwrap();
+    assert!(paris.exact, "{paris:?}");
+    assert_eq!(paris.tokens, 1);
+    // A continuation that does not start with a newline still ends no answer.
+    let plain = s
+        .score_answer("The capital of France is", " Paris")
+        .unwrap();
+    let g = s
+        .generate(
+            "The capital of France is",
+            &GenerateOptions {
+                n_predict: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert_eq!(
+        plain.exact,
+        g.text.starts_with(" Paris\n"),
+        "{plain:?} {:?}",
+        g.text
+    );
+}
