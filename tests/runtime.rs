@@ -534,31 +534,45 @@ fn score_answer_smollm2() {
 }
 
 #[test]
-fn score_answer_ends_at_a_token_that_starts_with_a_newline() {
-    // Gemma's vocabulary has "\n\n" as one token, and greedy continues this answer with it:
-    // the generated text is still the answer followed by a newline, so the answer is exact.
+fn score_answer_gemma_blank_line_ends_the_answer() {
+    // Gemma's vocabulary has "\n\n" as one token. After blank-line separated examples the
+    // base greedily writes " Paris\n\n…": the answer followed by a newline, so exact — the
+    // scorer once took only "\n" as the end and called this a miss.
     let model = load(&common::gemma3());
     let mut s = session(&model, 128);
-    let prompt = "Q: What is 2+2?\nA: 4\n\nQ: What is 3+3?\nA:";
+    let prompt = "Germany: Berlin\n\nItaly: Rome\n\nSpain: Madrid\n\nFrance:";
+    let blank = model.tokenize("\n\n", false, false).unwrap();
+    assert_eq!(blank.len(), 1, "{blank:?}");
     let g = s
         .generate(
             prompt,
             &GenerateOptions {
-                n_predict: 4,
+                n_predict: 2,
                 ..Default::default()
             },
         )
         .unwrap();
-    assert!(g.text.starts_with(" 3\n\n"), "{:?}", g.text);
-    let score = s.score_answer(prompt, " 3").unwrap();
-    assert!(score.exact, "{score:?}");
-    let after = model.token_to_piece(g.tokens[score.tokens], false);
+    assert!(g.text.starts_with(" Paris\n\n"), "{:?}", g.text);
+    let paris = s.score_answer(prompt, " Paris").unwrap();
+    assert!(paris.exact, "{paris:?}");
+    assert_eq!(paris.tokens, 1);
+    // A continuation that does not start with a newline still ends no answer.
+    let plain = s
+        .score_answer("The capital of France is", " Paris")
+        .unwrap();
+    let g = s
+        .generate(
+            "The capital of France is",
+            &GenerateOptions {
+                n_predict: 2,
+                ..Default::default()
+            },
+        )
+        .unwrap();
     assert_eq!(
-        after, b"\n\n",
-        "the token after the answer, in {:?}",
-        g.tokens
+        plain.exact,
+        g.text.starts_with(" Paris\n"),
+        "{plain:?} {:?}",
+        g.text
     );
-    // Another answer than greedy's is still not exact.
-    let wrong = s.score_answer(prompt, " 6").unwrap();
-    assert!(!wrong.exact, "{wrong:?}");
 }
