@@ -695,8 +695,8 @@ const UNTRAINABLE_ARCHITECTURES: &[(&str, &str)] = {
 };
 
 /// Errors when models of architecture `arch` (`general.architecture` of the file `path`)
-/// cannot be trained by llama.cpp (a table in this module: Gemma's GEGLU, GELU models). Unknown or missing
-/// architectures pass: llama.cpp's loader judges those.
+/// cannot be trained by llama.cpp (a table in this module: Gemma's GEGLU, GELU models).
+/// Unknown or missing architectures pass: llama.cpp's loader judges those.
 pub fn check_trainable(path: &Path, arch: Option<&str>) -> Result<()> {
     let Some(arch) = arch else { return Ok(()) };
     match UNTRAINABLE_ARCHITECTURES.iter().find(|(a, _)| *a == arch) {
