@@ -349,11 +349,17 @@ impl OutputFile {
             path: self.target.clone(),
             reason: "write after commit".into(),
         })?;
-        w.write_all(bytes).map_err(|source| FormatError::Io {
-            path: self.target.clone(),
-            what: "cannot write (is the disk full?)",
-            source,
-        })?;
+        if let Err(source) = w.write_all(bytes) {
+            // Bytes handed straight from an input's memory map (streamed copies) fail in the
+            // kernel with EFAULT, not SIGBUS, when that input shrank meanwhile: then the input
+            // is the culprit, not the disk.
+            self.check_inputs()?;
+            return Err(FormatError::Io {
+                path: self.target.clone(),
+                what: "cannot write (is the disk full?)",
+                source,
+            });
+        }
         self.written += bytes.len() as u64;
         Ok(())
     }
@@ -714,6 +720,28 @@ mod tests {
         assert_eq!(removed.len(), 2);
         assert!(!dead.exists() && !dead_spill.exists());
         assert!(ours.exists() && unrelated.exists());
+    }
+
+    #[test]
+    fn a_write_from_a_shrunk_input_map_names_the_input() {
+        // Streamed copies hand an input's mapped bytes straight to write(2); if the input
+        // shrank, the kernel fails the copy with EFAULT (no SIGBUS in user space): the error
+        // must name the input, not a full disk.
+        let dir = tempfile::tempdir().unwrap();
+        let input = dir.path().join("in.bin");
+        fs::write(&input, vec![7u8; 4 << 20]).unwrap();
+        let map = crate::format::mmap::MappedFile::open(&input).unwrap();
+        let mut out = OutputFile::create(&dir.path().join("out.bin"), &[&input]).unwrap();
+        fs::OpenOptions::new()
+            .write(true)
+            .open(&input)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        // 2 MiB past the new end: more than the 1 MiB buffer, so written from the map itself.
+        let err = out.write_all(&map.bytes()[1 << 20..3 << 20]).unwrap_err();
+        assert!(matches!(err, FormatError::InputChanged { .. }), "{err}");
+        assert!(err.to_string().contains("in.bin"), "{err}");
     }
 
     #[test]
